@@ -1,0 +1,174 @@
+"""The HDF5 feature cache, and the crash-safe journal an extraction writes before it.
+
+Layout of ``gap_<backbone>.h5`` (the public write-ups' ``train``/``test``/``label`` plus ids):
+  train (n_train_ok, D) float32, label (n_train_ok,) uint8, train_ids: readable training photos;
+  test (n_test, D) float32, test_ids, test_ok: every test photo (a row is NaN where ``test_ok`` is
+  False, since the submission needs every id);
+  failed_split / failed_id / failed_reason: photos that could not be read, and why.
+  attrs: the recipe (everything that determines the features) and provenance.
+
+HDF5 files are not safe against ``kill -9`` mid-write, so an extraction first writes finished
+chunks as separate ``.npz`` files, each renamed into place atomically, in ``<cache>.partial/``;
+the HDF5 file is assembled at the end under a temporary name and renamed, so a cache file
+either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+# Bump when a change to extraction changes the features, so older caches count as stale.
+FEATURE_FORMAT = 1
+
+# Recipe keys: a cache is reused only if all of them match the request.
+RECIPE_KEYS = ("feature_format", "backbone", "constructor", "weights_id", "input_size",
+               "preprocess", "resize", "feature_dim", "fast_decode", "tta", "data_fingerprint")
+
+
+class StaleCacheError(RuntimeError):
+    """A cache exists for this backbone but was made differently from what is asked."""
+
+
+def cache_path(cache_dir: str | Path, backbone_name: str) -> Path:
+    return Path(cache_dir) / f"gap_{backbone_name}.h5"
+
+
+def recipe_differences(stored: dict, wanted: dict) -> list[str]:
+    """Human-readable list of the recipe entries that differ."""
+    diffs = []
+    for key in RECIPE_KEYS:
+        a, b = stored.get(key), wanted.get(key)
+        if json.dumps(a) != json.dumps(b):
+            diffs.append(f"{key}: cache has {a!r}, asked for {b!r}")
+    return diffs
+
+
+def read_attrs(path: str | Path) -> dict:
+    """The cache's attributes (recipe and provenance), JSON-decoded."""
+    with h5py.File(path, "r") as f:
+        return {k: json.loads(v) for k, v in f.attrs.items()}
+
+
+def check_fresh(path: Path, recipe: dict) -> None:
+    """Raise ``StaleCacheError`` naming every difference if ``path`` was made another way."""
+    try:
+        stored = read_attrs(path)
+    except OSError as exc:
+        raise StaleCacheError(f"{path}: unreadable cache ({exc}); delete it or pass --overwrite") from None
+    diffs = recipe_differences(stored, recipe)
+    if diffs:
+        raise StaleCacheError(f"{path} was made differently from this request:\n  " + "\n  ".join(diffs)
+                              + "\nPass --overwrite to recompute it, or --cache to use another folder.")
+
+
+@dataclass
+class Features:
+    """A loaded cache."""
+
+    train: np.ndarray
+    label: np.ndarray
+    train_ids: np.ndarray
+    test: np.ndarray
+    test_ids: np.ndarray
+    test_ok: np.ndarray
+    attrs: dict = field(default_factory=dict)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def load_features(path: str | Path) -> Features:
+    """Read a whole cache into memory (GAP features are small: 25,000 x 2048 floats is 200 MB)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: feature cache does not exist; run python -m features.extract")
+    with h5py.File(path, "r") as f:
+        failed = list(zip(f["failed_split"].asstr()[:], f["failed_id"].asstr()[:],
+                          f["failed_reason"].asstr()[:]))
+        return Features(
+            train=f["train"][:], label=f["label"][:], train_ids=f["train_ids"].asstr()[:],
+            test=f["test"][:], test_ids=f["test_ids"].asstr()[:], test_ok=f["test_ok"][:],
+            attrs={k: json.loads(v) for k, v in f.attrs.items()}, failed=failed)
+
+
+class Journal:
+    """Finished chunks of an extraction in progress, each an atomically written ``.npz``."""
+
+    def __init__(self, folder: Path, recipe: dict):
+        self.folder = folder
+        recipe_file = folder / "recipe.json"
+        if folder.exists():
+            stored = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+            if recipe_differences(stored, recipe):
+                shutil.rmtree(folder)  # unfinished work for another request: start afresh
+        folder.mkdir(parents=True, exist_ok=True)
+        if not recipe_file.exists():
+            _atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe).encode()))
+
+    def _chunk(self, split: str, index: int) -> Path:
+        return self.folder / f"{split}-{index:06d}.npz"
+
+    def has(self, split: str, index: int) -> bool:
+        return self._chunk(split, index).exists()
+
+    def save(self, split: str, index: int, ids, features, ok, reasons) -> None:
+        _atomic_write(self._chunk(split, index), lambda f: np.savez(
+            f, ids=np.asarray(ids, dtype=str), features=features, ok=ok,
+            reasons=np.asarray(reasons, dtype=str)))
+
+    def load(self, split: str, index: int) -> dict:
+        with np.load(self._chunk(split, index)) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[str, int],
+             feature_dim: int, attrs: dict) -> None:
+    """Write the final HDF5 cache from the journal's chunks, atomically."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    str_dt = h5py.string_dtype()
+    failed = []
+    with h5py.File(tmp, "w") as f:
+        for split in ("train", "test"):
+            rows = f.create_dataset(split, (0, feature_dim), maxshape=(None, feature_dim),
+                                    dtype="float32", chunks=(256, feature_dim))
+            ids_out, ok_out = [], []
+            for index in range(chunks[split]):
+                chunk = journal.load(split, index)
+                ok = chunk["ok"]
+                for pid, good, reason in zip(chunk["ids"], ok, chunk["reasons"]):
+                    if not good:
+                        failed.append((split, str(pid), str(reason)))
+                keep = ok if split == "train" else np.ones_like(ok)
+                block = chunk["features"][keep]
+                if len(block):
+                    rows.resize(rows.shape[0] + len(block), axis=0)
+                    rows[-len(block):] = block
+                ids_out.extend(chunk["ids"][keep].tolist())
+                ok_out.extend(ok[keep].tolist())
+            f.create_dataset(f"{split}_ids", data=np.array(ids_out, dtype=object), dtype=str_dt)
+            if split == "train":
+                f.create_dataset("label", data=np.array([labels[i] for i in ids_out], dtype=np.uint8))
+            else:
+                f.create_dataset("test_ok", data=np.array(ok_out, dtype=bool))
+        for name, col in (("failed_split", 0), ("failed_id", 1), ("failed_reason", 2)):
+            f.create_dataset(name, data=np.array([r[col] for r in failed], dtype=object), dtype=str_dt)
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value)
+    os.replace(tmp, path)

@@ -1,0 +1,36 @@
+"""One place for the project's defaults: seeds, where data, weights and caches live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SEED = 42
+
+# The competition's data and its output folder when running as a Kaggle notebook.
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_COMPETITION = KAGGLE_INPUT / "dogs-vs-cats-redux-kernels-edition"
+KAGGLE_WORKING = Path("/kaggle/working")
+
+CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
+
+
+def shared_dir() -> Path:
+    """The read-only ``shared/`` folder beside the checkout (``GAPSTACK_SHARED`` overrides)."""
+    env = os.environ.get("GAPSTACK_SHARED")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared"
+
+
+def default_data_dirs() -> list[Path]:
+    """The competition input on Kaggle, else the shared sample."""
+    if KAGGLE_COMPETITION.exists():
+        return [KAGGLE_COMPETITION]
+    return [shared_dir() / "dogs-vs-cats"]
+
+
+def default_weights_dir() -> Path:
+    """Where backbones look for weights files that are not passed explicitly."""
+    env = os.environ.get("GAPSTACK_WEIGHTS")
+    return Path(env) if env else shared_dir() / "weights"

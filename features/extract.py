@@ -1,0 +1,251 @@
+"""Streaming GAP feature extraction into the HDF5 cache.
+
+    python -m features.extract --data DIR [DIR ...] --backbone NAME [--weights PATH]
+                               [--cache DIR] [--batch-size N]
+
+Photos are read, decoded and resized by a small thread pool a few batches ahead of the forward
+pass, so decoding overlaps the network and memory holds only those batches, whatever the number
+of photos. Finished chunks are journalled to disk; a killed run resumes where it stopped.
+A photo that cannot be read is reported and recorded, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from features import __version__
+from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, assemble, cache_path,
+                            check_fresh)
+from features.data import Photo, PhotoReader, PhotoSet, load_photos
+from features.defaults import CACHE_DIR, default_data_dirs
+from features.images import ImageError, load_for_backbone
+from features.models import build_gap_model, resolve_weights, weights_identity
+from features.registry import Backbone, get_backbone
+
+log = logging.getLogger("gapstack")
+
+DEFAULT_BATCH = 32
+DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
+
+
+def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_decode: bool,
+                tta: bool) -> dict:
+    """Everything that determines the features; a cache is reused only when all of it matches."""
+    return {
+        "feature_format": FEATURE_FORMAT,
+        "backbone": backbone.name,
+        "constructor": backbone.constructor or "saved .keras file",
+        "weights_id": weights_id,
+        "input_size": list(backbone.input_size),
+        "preprocess": backbone.preprocess,
+        "resize": backbone.resize,
+        "feature_dim": backbone.feature_dim,
+        "fast_decode": fast_decode,
+        "tta": "flip" if tta else "none",
+        "data_fingerprint": photos.fingerprint(),
+    }
+
+
+def load_batch(reader: PhotoReader, photos: list[Photo], backbone: Backbone, fast_decode: bool):
+    """Decode and resize one batch; unreadable photos become zero images with a reason."""
+    height, width = backbone.input_size
+    pixels = np.zeros((len(photos), height, width, 3), dtype=np.float32)
+    reasons = [""] * len(photos)
+    for i, photo in enumerate(photos):
+        try:
+            data = reader.read(photo)
+            pixels[i] = load_for_backbone(data, photo.name, backbone.input_size, backbone.resize,
+                                          fast_decode)
+        except ImageError as exc:
+            reasons[i] = exc.reason
+        except OSError as exc:
+            reasons[i] = f"cannot read file: {exc.strerror or exc}"
+    return pixels, reasons
+
+
+class Forward:
+    """Fixed-shape forward pass (the last batch is padded, so the graph is traced once)."""
+
+    def __init__(self, model, batch_size: int, tta: bool):
+        self.model, self.batch_size, self.tta = model, batch_size, tta
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        n = len(pixels)
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=pixels.dtype)
+            pixels = np.concatenate([pixels, pad])
+        out = np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
+        if self.tta:
+            flipped = np.ascontiguousarray(pixels[:, :, ::-1])
+            out = (out + np.asarray(self.model.predict_on_batch(flipped), dtype=np.float32)) / 2
+        return out[:n]
+
+
+def _chunks(photos: list[Photo], size: int) -> list[list[Photo]]:
+    return [photos[i:i + size] for i in range(0, len(photos), size)]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or total == 0,
+                mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
+
+
+def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
+            cache_dir: str | Path = CACHE_DIR, batch_size: int = DEFAULT_BATCH, workers: int = 2,
+            overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
+            tta: bool = False, progress: bool = True) -> Path:
+    """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
+
+    A cache made with the same recipe is reused; one made differently raises
+    ``StaleCacheError`` unless ``overwrite``. An interrupted run resumes from its journal.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be positive")
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    resolved = resolve_weights(backbone, weights)
+    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
+    path = cache_path(cache_dir, backbone.name)
+    if path.exists():
+        try:
+            check_fresh(path, recipe)
+            log.info("%s: up to date, reusing it", path)
+            return path
+        except StaleCacheError:
+            if not overwrite:
+                raise
+            log.warning("%s: stale, recomputing (--overwrite)", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(path.with_name(path.name + ".partial"), recipe)
+    splits = {"train": _chunks(photos.train, chunk_size), "test": _chunks(photos.test, chunk_size)}
+    pending = [(split, k, chunk) for split, chunks in splits.items()
+               for k, chunk in enumerate(chunks) if not journal.has(split, k)]
+    done = sum(len(c) for s, chunks in splits.items() for k, c in enumerate(chunks)
+               if journal.has(s, k))
+    if done:
+        log.info("%s: resuming, %d photos already extracted", path, done)
+    if pending:
+        _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta, progress)
+    attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
+                 keras_version=_keras_version(), backend=_backend(), runtime="keras predict_on_batch",
+                 n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
+                 registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    assemble(path, journal, {s: len(c) for s, c in splits.items()},
+             {p.id: p.label for p in photos.train}, backbone.feature_dim, attrs)
+    journal.remove()
+    return path
+
+
+def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int, workers: int,
+         fast_decode: bool, tta: bool, progress: bool) -> None:
+    model = build_gap_model(backbone, resolved)
+    forward = Forward(model, batch_size, tta)
+    reader = PhotoReader()
+    # One task per batch, in order; a bounded window of them runs ahead of the forward pass.
+    tasks = [(split, k, chunk, chunk[i:i + batch_size])
+             for split, k, chunk in pending for i in range(0, len(chunk), batch_size)]
+    total = sum(len(t[3]) for t in tasks)
+    bar = _progress(total, backbone.name, progress)
+    started, failures = time.perf_counter(), 0
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        window: deque = deque()
+        submitted = 0
+
+        def top_up():
+            nonlocal submitted
+            while submitted < len(tasks) and len(window) < max(2, workers + 1):
+                batch = tasks[submitted][3]
+                window.append(pool.submit(load_batch, reader, batch, backbone, fast_decode))
+                submitted += 1
+
+        feats, oks, reasons_all = [], [], []
+        top_up()
+        for split, k, chunk, batch in tasks:
+            pixels, reasons = window.popleft().result()
+            top_up()
+            out = forward(pixels)
+            ok = np.array([not r for r in reasons])
+            out[~ok] = np.nan
+            for photo, reason in zip(batch, reasons):
+                if reason:
+                    failures += 1
+                    log.warning("skipped %s: %s", photo.name, reason)
+            feats.append(out)
+            oks.append(ok)
+            reasons_all.extend(reasons)
+            bar.update(len(batch))
+            if sum(len(f) for f in feats) == len(chunk):
+                journal.save(split, k, [p.id for p in chunk], np.concatenate(feats),
+                             np.concatenate(oks), reasons_all)
+                feats, oks, reasons_all = [], [], []
+    bar.close()
+    elapsed = time.perf_counter() - started
+    log.info("%s: %d photos in %.1f s (%.1f img/s), %d unreadable", backbone.name, total, elapsed,
+             total / max(elapsed, 1e-9), failures)
+
+
+def _keras_version() -> str:
+    import keras
+
+    return keras.__version__
+
+
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m features.extract", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="Kaggle-layout folder(s) (train/, test/ or train.zip, test.zip); "
+                             "default: the Kaggle input, else the shared sample")
+    parser.add_argument("--backbone", required=True,
+                        help="registered name (see --list) or the path of a saved .keras model")
+    parser.add_argument("--weights", default="default",
+                        help="'imagenet', a weights file, or a folder holding the entry's file "
+                             "(default: the entry's default)")
+    parser.add_argument("--cache", default=str(CACHE_DIR), help="cache folder (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                        help="photos per journalled chunk (what a killed run may redo)")
+    parser.add_argument("--tta", action="store_true", help="average features of the photo and its mirror")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode large JPEGs at reduced size (faster, features differ slightly)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute a stale cache")
+    parser.add_argument("--no-test", action="store_true", help="allow data with no test split")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        photos = load_photos(args.data or default_data_dirs(), require_test=not args.no_test)
+        weights = None if args.weights == "none" else args.weights
+        path = extract(photos, args.backbone, weights, args.cache, args.batch_size, args.workers,
+                       args.overwrite, args.chunk_size, args.fast_decode, args.tta)
+    except (ValueError, KeyError, FileNotFoundError, StaleCacheError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def setup_logging() -> None:
+    """Plain messages on stderr for command-line use; quiet TensorFlow's C++ start-up chatter."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Level-1: heads trained per backbone on shared folds, out-of-fold and test predictions."""

@@ -1,0 +1,33 @@
+"""gapstack: GAP features of pretrained CNNs, out-of-fold heads and stacking for Dogs vs. Cats."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("features/__init__.py").read_text()).group(1)
+
+setup(
+    name="gapstack",
+    version=VERSION,
+    description=__doc__,
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=["features", "oof", "stacking"],
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",  # Keras 3
+        "keras>=3.0",
+        "numpy",
+        "scikit-learn>=1.3",
+        "lightgbm",
+        "h5py",
+        "pandas",
+        "opencv-python-headless",
+        "joblib",
+        "pillow",  # decoding: tells truncated JPEGs apart, reads CMYK/16-bit, reduced-size JPEG decode
+        "tqdm",  # progress bars with rate and time left
+        "matplotlib",  # report plots
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,48 @@
+"""Shared fixtures: real photos and weights from ../shared, small Kaggle-layout folders built from them."""
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+from features.defaults import default_weights_dir, shared_dir
+
+SHARED = shared_dir()
+PHOTOS = SHARED / "dogs-vs-cats"
+PHOTOS_200 = SHARED / "dogs-vs-cats-200px"
+WEIGHTS = default_weights_dir()
+
+
+def pytest_configure(config):
+    if not (PHOTOS / "train").is_dir() or not WEIGHTS.is_dir():
+        raise pytest.UsageError(f"the tests need the shared photos and weights at {SHARED}")
+
+
+def make_kaggle_dir(root: Path, n_train_per_class: int, n_test: int, start: int = 0) -> Path:
+    """A Kaggle-layout folder with copies of real shared photos."""
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    for cls in ("cat", "dog"):
+        for i in range(start, start + n_train_per_class):
+            shutil.copy(PHOTOS / "train" / f"{cls}.{i}.jpg", root / "train")
+    for i in range(1, n_test + 1):
+        shutil.copy(PHOTOS / "test" / f"{i}.jpg", root / "test")
+    return root
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """12 cats, 12 dogs and 8 test photos."""
+    return make_kaggle_dir(tmp_path / "data", 12, 8)
+
+
+@pytest.fixture(scope="session")
+def lite0_model():
+    """The real EfficientNet-Lite0 GAP model, built once."""
+    from features.models import build_gap_model
+    from features.registry import get_backbone
+
+    return build_gap_model(get_backbone("efficientnet_lite0"))

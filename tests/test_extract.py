@@ -1,0 +1,120 @@
+"""Extraction on real photos: parity with plain Keras, bad files, cache reuse and refusal, kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from features.cache import StaleCacheError, load_features, read_attrs
+from features.data import load_photos
+from features.extract import extract
+from features.images import load_for_backbone
+from features.registry import get_backbone, with_overrides
+from tests.conftest import WEIGHTS, make_kaggle_dir
+
+LITE0 = get_backbone("efficientnet_lite0")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def plain_keras_features(paths, size=(224, 224)):
+    """The reference: the shipped .keras model and global average pooling, nothing of ours."""
+    model = keras.saving.load_model(WEIGHTS / "efficientnet_lite0_notop.keras")
+    pixels = np.stack([load_for_backbone(Path(p).read_bytes(), str(p), size) for p in paths])
+    return np.asarray(model.predict(pixels.astype(np.float32), verbose=0)).mean(axis=(1, 2))
+
+
+def test_features_equal_plain_keras_and_bad_files_are_recorded(small_data, tmp_path):
+    (small_data / "train" / "cat.0.jpg").write_bytes(b"")  # zero bytes
+    good = (small_data / "test" / "5.jpg").read_bytes()
+    (small_data / "test" / "5.jpg").write_bytes(good[: len(good) // 3])  # truncated
+    photos = load_photos(small_data)
+    path = extract(photos, LITE0, cache_dir=tmp_path / "cache", batch_size=5, progress=False)
+    f = load_features(path)
+
+    assert f.train.shape == (23, 1280) and f.test.shape == (8, 1280)
+    assert "cat.0" not in set(f.train_ids) and len(set(f.train_ids)) == 23
+    assert list(f.test_ids) == [str(i) for i in range(1, 9)]
+    assert f.test_ok.tolist() == [True] * 4 + [False] + [True] * 3
+    assert np.isnan(f.test[4]).all() and np.isfinite(np.delete(f.test, 4, axis=0)).all()
+    reasons = {(s, i): r for s, i, r in f.failed}
+    assert "empty file" in reasons[("train", "cat.0")]
+    assert "truncated" in reasons[("test", "5")]
+    assert f.label.tolist() == [0] * 11 + [1] * 12
+
+    train_files = [small_data / "train" / f"{i}.jpg" for i in f.train_ids[:6]]
+    np.testing.assert_allclose(f.train[:6], plain_keras_features(train_files), atol=1e-4)
+    assert f.attrs["weights_id"] == "md5:47eeba030d0a930e462a7de76716de9e"
+    assert f.attrs["input_size"] == [224, 224] and f.attrs["backbone"] == "efficientnet_lite0"
+
+
+def test_cache_is_reused_and_stale_one_refused(small_data, tmp_path):
+    cache = tmp_path / "cache"
+    photos = load_photos(small_data)
+    path = extract(photos, LITE0, cache_dir=cache, progress=False)
+    stamp = path.stat().st_mtime_ns
+    assert extract(photos, LITE0, cache_dir=cache, progress=False) == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    bilinear = with_overrides(LITE0, resize="bilinear")
+    with pytest.raises(StaleCacheError, match=r"resize: cache has 'area', asked for 'bilinear'"):
+        extract(photos, bilinear, cache_dir=cache, progress=False)
+    (small_data / "test" / "8.jpg").unlink()
+    with pytest.raises(StaleCacheError, match=r"data_fingerprint"):
+        extract(load_photos(small_data), LITE0, cache_dir=cache, progress=False)
+    with pytest.raises(StaleCacheError, match=r"weights_id"):
+        extract(photos, LITE0, weights=WEIGHTS / "efficientnet_lite1_notop.keras", cache_dir=cache,
+                progress=False)
+    path = extract(load_photos(small_data), LITE0, cache_dir=cache, overwrite=True, progress=False)
+    assert read_attrs(path)["n_test"] == 7
+
+
+def test_killed_extraction_resumes(tmp_path):
+    """A real subprocess killed with SIGKILL mid-run resumes with no lost or duplicated rows."""
+    data = make_kaggle_dir(tmp_path / "data", 40, 24)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "features.extract", "--data", str(data), "--backbone",
+           "efficientnet_lite0", "--cache", str(cache), "--batch-size", "8", "--chunk-size", "8"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    journal = cache / "gap_efficientnet_lite0.h5.partial"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(journal.glob("*.npz")))
+    assert 3 <= done_before < 13, "the run should have been killed part-way"
+    assert not (cache / "gap_efficientnet_lite0.h5").exists()
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resuming" in out.stderr
+    resumed = load_features(cache / "gap_efficientnet_lite0.h5")
+    assert not journal.exists()
+
+    fresh = load_features(extract(load_photos(data), LITE0, cache_dir=tmp_path / "fresh",
+                                  batch_size=8, chunk_size=8, progress=False))
+    assert list(resumed.train_ids) == list(fresh.train_ids) and len(resumed.train_ids) == 80
+    assert list(resumed.test_ids) == list(fresh.test_ids)
+    np.testing.assert_allclose(resumed.train, fresh.train, atol=1e-5)
+    np.testing.assert_allclose(resumed.test, fresh.test, atol=1e-5)
+    with h5py.File(cache / "gap_efficientnet_lite0.h5") as f:
+        assert set(f) >= {"train", "test", "label", "train_ids", "test_ids", "test_ok"}
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "features.extract", "--data", str(tmp_path),
+                          "--backbone", "efficientnet_lite0"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{tmp_path}: missing split 'train'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "features.extract", "--backbone", "nope"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Unknown backbone 'nope'; available:" in out.stderr
