@@ -31,10 +31,12 @@ from features.defaults import CACHE_DIR, default_data_dirs
 from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
+from features.runtime import RUNTIMES, make_forward
 
 log = logging.getLogger("gapstack")
 
-DEFAULT_BATCH = 32
+# Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
+DEFAULT_BATCH = {"onnxruntime": 16, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
 
 
@@ -74,20 +76,20 @@ def load_batch(reader: PhotoReader, photos: list[Photo], backbone: Backbone, fas
 
 
 class Forward:
-    """Fixed-shape forward pass (the last batch is padded, so the graph is traced once)."""
+    """Fixed-shape forward pass (the last batch is padded, so a graph is traced once), with
+    optional flip test-time augmentation."""
 
-    def __init__(self, model, batch_size: int, tta: bool):
-        self.model, self.batch_size, self.tta = model, batch_size, tta
+    def __init__(self, run, batch_size: int, tta: bool):
+        self.run, self.batch_size, self.tta = run, batch_size, tta
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         n = len(pixels)
         if n < self.batch_size:
             pad = np.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=pixels.dtype)
             pixels = np.concatenate([pixels, pad])
-        out = np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
+        out = self.run(pixels)
         if self.tta:
-            flipped = np.ascontiguousarray(pixels[:, :, ::-1])
-            out = (out + np.asarray(self.model.predict_on_batch(flipped), dtype=np.float32)) / 2
+            out = (out + self.run(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
         return out[:n]
 
 
@@ -103,15 +105,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
-            cache_dir: str | Path = CACHE_DIR, batch_size: int = DEFAULT_BATCH, workers: int = 2,
+            cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None, workers: int = 2,
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
-            tta: bool = False, progress: bool = True) -> Path:
+            tta: bool = False, progress: bool = True, runtime: str = "auto") -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
     ``StaleCacheError`` unless ``overwrite``. An interrupted run resumes from its journal.
+    ``runtime`` picks the forward pass ("auto": ONNX Runtime when it matches Keras, see
+    ``features.runtime``); ``batch_size`` None means the runtime's measured best.
     """
-    if batch_size < 1 or chunk_size < 1:
+    if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
@@ -135,10 +139,12 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
                if journal.has(s, k))
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
+    used = "none (all chunks journalled)"
     if pending:
-        _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta, progress)
+        used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
+                    progress, runtime)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
-                 keras_version=_keras_version(), backend=_backend(), runtime="keras predict_on_batch",
+                 keras_version=_keras_version(), backend=_backend(), runtime=used,
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     assemble(path, journal, {s: len(c) for s, c in splits.items()},
@@ -147,52 +153,82 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     return path
 
 
-def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int, workers: int,
-         fast_decode: bool, tta: bool, progress: bool) -> None:
-    model = build_gap_model(backbone, resolved)
-    forward = Forward(model, batch_size, tta)
-    reader = PhotoReader()
-    # One task per batch, in order; a bounded window of them runs ahead of the forward pass.
-    tasks = [(split, k, chunk, chunk[i:i + batch_size])
-             for split, k, chunk in pending for i in range(0, len(chunk), batch_size)]
+class Extractor:
+    """A backbone ready to turn photos into GAP features: model built and runtime chosen once."""
+
+    def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
+                 batch_size: int | None = None, workers: int = 2, fast_decode: bool = False,
+                 tta: bool = False):
+        self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        self.weights = resolve_weights(self.backbone, weights)
+        self.run = make_forward(build_gap_model(self.backbone, self.weights), runtime)
+        self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
+        self.forward = Forward(self.run, self.batch_size, tta)
+        self.workers, self.fast_decode = max(1, workers), fast_decode
+        self.reader = PhotoReader()
+
+    def stream(self, batches: list[list[Photo]]):
+        """Yield (photos, features, reasons) per batch, in order; features are NaN where the
+        photo could not be read (reason non-empty). Decoding runs a few batches ahead."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            window: deque = deque()
+            queue = iter(batches)
+
+            def top_up():
+                while len(window) < max(2, self.workers + 1):
+                    batch = next(queue, None)
+                    if batch is None:
+                        return
+                    window.append((batch, pool.submit(load_batch, self.reader, batch,
+                                                      self.backbone, self.fast_decode)))
+
+            top_up()
+            while window:
+                batch, future = window.popleft()
+                pixels, reasons = future.result()
+                top_up()
+                out = self.forward(pixels)
+                out[np.array([bool(r) for r in reasons])] = np.nan
+                yield batch, out, reasons
+
+    def features(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
+        """Features of a list of photos in memory (for prediction; extraction uses the cache)."""
+        batches = [photos[i:i + self.batch_size] for i in range(0, len(photos), self.batch_size)]
+        out = np.zeros((0, self.backbone.feature_dim), np.float32)
+        reasons: list[str] = []
+        for _, feats, why in self.stream(batches):
+            out = np.concatenate([out, feats])
+            reasons.extend(why)
+        return out, reasons
+
+
+def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
+         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> str:
+    """Extract the pending chunks into the journal; returns the runtime used."""
+    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta)
+    tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
+             for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
     bar = _progress(total, backbone.name, progress)
     started, failures = time.perf_counter(), 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        window: deque = deque()
-        submitted = 0
-
-        def top_up():
-            nonlocal submitted
-            while submitted < len(tasks) and len(window) < max(2, workers + 1):
-                batch = tasks[submitted][3]
-                window.append(pool.submit(load_batch, reader, batch, backbone, fast_decode))
-                submitted += 1
-
-        feats, oks, reasons_all = [], [], []
-        top_up()
-        for split, k, chunk, batch in tasks:
-            pixels, reasons = window.popleft().result()
-            top_up()
-            out = forward(pixels)
-            ok = np.array([not r for r in reasons])
-            out[~ok] = np.nan
-            for photo, reason in zip(batch, reasons):
-                if reason:
-                    failures += 1
-                    log.warning("skipped %s: %s", photo.name, reason)
-            feats.append(out)
-            oks.append(ok)
-            reasons_all.extend(reasons)
-            bar.update(len(batch))
-            if sum(len(f) for f in feats) == len(chunk):
-                journal.save(split, k, [p.id for p in chunk], np.concatenate(feats),
-                             np.concatenate(oks), reasons_all)
-                feats, oks, reasons_all = [], [], []
+    feats, reasons_all = [], []
+    for (split, k, chunk, _), (batch, out, reasons) in zip(tasks, ex.stream([t[3] for t in tasks])):
+        for photo, reason in zip(batch, reasons):
+            if reason:
+                failures += 1
+                log.warning("skipped %s: %s", photo.name, reason)
+        feats.append(out)
+        reasons_all.extend(reasons)
+        bar.update(len(batch))
+        if len(reasons_all) == len(chunk):
+            journal.save(split, k, [p.id for p in chunk], np.concatenate(feats),
+                         np.array([not r for r in reasons_all]), reasons_all)
+            feats, reasons_all = [], []
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: %d photos in %.1f s (%.1f img/s), %d unreadable", backbone.name, total, elapsed,
-             total / max(elapsed, 1e-9), failures)
+    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d), %d unreadable", backbone.name,
+             total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size, failures)
+    return ex.run.name
 
 
 def _keras_version() -> str:
@@ -218,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="'imagenet', a weights file, or a folder holding the entry's file "
                              "(default: the entry's default)")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="cache folder (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="photos per forward call (default: the runtime's measured best)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="forward pass: ONNX Runtime if it matches Keras (auto), or force one")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="photos per journalled chunk (what a killed run may redo)")
@@ -233,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         photos = load_photos(args.data or default_data_dirs(), require_test=not args.no_test)
         weights = None if args.weights == "none" else args.weights
         path = extract(photos, args.backbone, weights, args.cache, args.batch_size, args.workers,
-                       args.overwrite, args.chunk_size, args.fast_decode, args.tta)
-    except (ValueError, KeyError, FileNotFoundError, StaleCacheError) as exc:
+                       args.overwrite, args.chunk_size, args.fast_decode, args.tta,
+                       runtime=args.runtime)
+    except (ValueError, KeyError, FileNotFoundError, StaleCacheError, RuntimeError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     print(path)
@@ -242,9 +282,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging() -> None:
-    """Plain messages on stderr for command-line use; quiet TensorFlow's C++ start-up chatter."""
+    """Our messages on stderr for command-line use; quiet TensorFlow's and tf2onnx's chatter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for noisy in ("tf2onnx", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

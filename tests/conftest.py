@@ -46,3 +46,16 @@ def lite0_model():
     from features.registry import get_backbone
 
     return build_gap_model(get_backbone("efficientnet_lite0"))
+
+
+@pytest.fixture(scope="session")
+def real_features(tmp_path_factory):
+    """EfficientNet-Lite0 features of 240 real shared training photos and 20 test photos."""
+    from features.cache import load_features
+    from features.data import load_photos
+    from features.extract import extract
+
+    data = make_kaggle_dir(tmp_path_factory.mktemp("feat") / "data", 120, 20)
+    path = extract(load_photos(data), "efficientnet_lite0", cache_dir=data.parent / "cache",
+                   progress=False)
+    return load_features(path)

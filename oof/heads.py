@@ -1,0 +1,145 @@
+"""Level-1 heads on GAP features, as scikit-learn estimators.
+
+Both heads are linear in the features at prediction time, which is what makes the class
+activation map exact: ``coef_`` and ``intercept_`` act on standardised features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from features.defaults import SEED
+
+
+class BinaryClassifier(ClassifierMixin, BaseEstimator):
+    """What our binary estimators share: classes, predict from P(class 1), tags."""
+
+    def _set_classes(self, y) -> np.ndarray:
+        check_classification_targets(y)
+        y_type = type_of_target(y, input_name="y", raise_unknown=True)
+        if y_type != "binary":
+            raise ValueError("Only binary classification is supported. The type of the target "
+                             f"is {y_type}.")
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs both classes; y has only one class "
+                             f"({self.classes_[0]!r})")
+        return (y == self.classes_[1]).astype(np.float32)
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return np.column_stack([1 - p, p])
+
+    def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+
+class LogisticHead(BinaryClassifier):
+    """The default head: standardised features, L2 logistic regression.
+
+    Parameters
+    ----------
+    C : float, inverse regularisation strength (chosen by CV on the shared photos).
+    max_iter : int, solver iterations.
+    """
+
+    def __init__(self, C: float = 0.1, max_iter: int = 3000):
+        self.C = C
+        self.max_iter = max_iter
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        target = self._set_classes(y)
+        self.scaler_ = StandardScaler().fit(X)
+        self.lr_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(self.scaler_.transform(X), target)
+        self.n_iter_ = self.lr_.n_iter_
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return self.lr_.decision_function(self.scaler_.transform(X))
+
+
+class KerasHead(BinaryClassifier):
+    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras.
+
+    At prediction time dropout is the identity, so the fitted head is a linear model; it is kept
+    as ``coef_``/``intercept_`` (on standardised features), which makes the estimator picklable
+    and its predictions independent of Keras.
+
+    Parameters
+    ----------
+    dropout : float, fraction of inputs dropped while training.
+    epochs, batch_size, learning_rate : Adam training schedule.
+    l2 : float, L2 penalty on the Dense kernel.
+    standardize : bool, scale features to zero mean, unit variance first.
+    random_state : int, seed of weight initialisation, dropout and shuffling.
+    """
+
+    def __init__(self, dropout: float = 0.5, epochs: int = 20, batch_size: int = 128,
+                 learning_rate: float = 1e-3, l2: float = 0.0, standardize: bool = True,
+                 random_state: int = SEED):
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.standardize = standardize
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        import keras
+
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        target = self._set_classes(y)
+        self.mean_ = X.mean(axis=0) if self.standardize else np.zeros(X.shape[1], np.float32)
+        scale = X.std(axis=0) if self.standardize else np.ones(X.shape[1], np.float32)
+        self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        Z = (X - self.mean_) / self.scale_
+        keras.utils.set_random_seed(self.random_state)
+        dense = keras.layers.Dense(1, activation="sigmoid",
+                                   kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
+        model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss="binary_crossentropy")
+        model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
+        kernel, bias = dense.get_weights()
+        self.coef_ = kernel[:, 0].astype(np.float64)
+        self.intercept_ = float(bias[0])
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+
+
+HEADS = {
+    "logistic": LogisticHead,
+    "keras": KerasHead,
+}
+
+
+def make_head(name: str, **params):
+    """A fresh head by name (``logistic`` or ``keras``)."""
+    if name not in HEADS:
+        raise KeyError(f"Unknown head '{name}'; available: {', '.join(HEADS)}")
+    return HEADS[name](**params)
+
+
+def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b."""
+    if isinstance(head, KerasHead):
+        return head.mean_, head.scale_, head.coef_, head.intercept_
+    return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])

@@ -1,0 +1,126 @@
+"""The two-level ensemble: fitting every model on the same folds, and the saved artefact.
+
+Level 1: one head per (backbone, head kind) on that backbone's GAP features, plus concat-fusion
+(the write-ups' head on all backbones' features side by side). Level 2: stackers over the level-1
+heads' out-of-fold P(dog). The level-2 model for fold k is fitted on level-1 OOF rows outside
+fold k only. The fitted models are kept, so the saved ensemble predicts new photos exactly as the
+run predicted the test set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from oof.crossfit import CrossFit, cross_fit
+from oof.heads import KerasHead, make_head
+from stacking.stackers import STACKERS
+from stacking.submission import clip
+
+CONCAT = "concat-fusion"
+
+
+@dataclass
+class Ensemble:
+    """Everything needed to go from GAP features to P(dog).
+
+    backbones: per backbone, what makes its features (registry entry, resolved weights, tta).
+    level1: model name ("<backbone>/<head>") -> its CrossFit; the key order is the stackers' input order.
+    concat: concat-fusion's CrossFit (inputs: backbones' features in ``backbones`` order), or None.
+    level2: stacker name -> CrossFit over the level-1 columns.
+    submit_with: the model whose predictions are the submission.
+    clip: the bounds the submission is clipped to, or None.
+    """
+
+    backbones: list[dict]
+    level1: dict[str, CrossFit]
+    concat: CrossFit | None = None
+    level2: dict[str, CrossFit] = field(default_factory=dict)
+    submit_with: str = ""
+    clip: tuple[float, float] | None = None
+
+    @property
+    def model_names(self) -> list[str]:
+        return [*self.level1, *([CONCAT] if self.concat else []), *self.level2]
+
+    def backbone_of(self, level1_name: str) -> str:
+        return level1_name.split("/")[0]
+
+    def predict_all(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """P(dog) of every model for rows given as {backbone name: (n, D) features}.
+
+        Rows whose features are NaN in a backbone (unreadable photo) get 0.5 from that backbone.
+        """
+        out = {name: _predict_rows(cf, features[self.backbone_of(name)])
+               for name, cf in self.level1.items()}
+        if self.concat:
+            out[CONCAT] = _predict_rows(self.concat, np.hstack([features[b["name"]] for b in self.backbones]))
+        if self.level2:
+            level1 = np.column_stack([out[name] for name in self.level1])
+            for name, cf in self.level2.items():
+                out[name] = cf.predict(level1)
+        return out
+
+    def predict(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """P(dog) of the submission model, clipped as the submission is."""
+        return clip(self.predict_all(features)[self.submit_with], self.clip)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self, folder / "ensemble.joblib")
+        summary = {"backbones": self.backbones, "level1": list(self.level1),
+                   "concat_fusion": bool(self.concat), "level2": list(self.level2),
+                   "submit_with": self.submit_with, "clip": self.clip,
+                   "test_mode": next(iter(self.level1.values())).test_mode}
+        (folder / "ensemble.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    @staticmethod
+    def load(folder: str | Path) -> "Ensemble":
+        path = Path(folder) / "ensemble.joblib"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no saved ensemble (made by python -m stacking.run)")
+        return joblib.load(path)
+
+
+def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(X).all(axis=1)
+    p = np.full(len(X), 0.5)
+    if ok.any():
+        p[ok] = cf.predict(X[ok])
+    return p
+
+
+def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.ndarray,
+                 fold: np.ndarray, heads: list[str], concat_fusion: bool = True,
+                 stackers: list[str] | None = None, test_mode: str = "fold_mean",
+                 head_params: dict | None = None, log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
+    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog)."""
+    head_params = head_params or {}
+    oof: dict[str, np.ndarray] = {}
+    level1: dict[str, CrossFit] = {}
+    for b in backbones:
+        for head in heads:
+            name = f"{b['name']}/{head}"
+            level1[name] = cross_fit(make_head(head, **head_params.get(head, {})),
+                                     features[b["name"]], y, fold, test_mode)
+            oof[name] = level1[name].oof
+            log(f"level 1: {name} fitted")
+    concat = None
+    if concat_fusion:
+        X = np.hstack([features[b["name"]] for b in backbones])
+        concat = cross_fit(KerasHead(**head_params.get("concat", {})), X, y, fold, test_mode)
+        oof[CONCAT] = concat.oof
+        log(f"level 1: {CONCAT} fitted on {X.shape[1]} features")
+    level2: dict[str, CrossFit] = {}
+    if len(level1) > 1:
+        L = np.column_stack([oof[name] for name in level1])
+        for name in stackers or list(STACKERS):
+            level2[name] = cross_fit(STACKERS[name](), L, y, fold, test_mode)
+            oof[name] = level2[name].oof
+            log(f"level 2: {name} fitted")
+    return Ensemble(backbones, level1, concat, level2), oof

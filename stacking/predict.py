@@ -1,0 +1,72 @@
+"""P(dog) for new photos from a saved ensemble.
+
+    python -m stacking.predict --model OUT/model PHOTO [PHOTO ...]
+
+Prints ``photo<TAB>P(dog)`` per photo, computed exactly as the run computed its test predictions
+(same backbones, weights, runtime choice, heads, stacker and clipping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from features.data import Photo
+from features.extract import Extractor, setup_logging
+from features.registry import Backbone
+from stacking.ensemble import Ensemble
+
+
+class Predictor:
+    """A loaded ensemble with its backbones built once (the web page keeps one of these)."""
+
+    def __init__(self, model_dir: str | Path, weights=None, runtime: str = "auto"):
+        self.ensemble = Ensemble.load(model_dir)
+        self.extractors = {
+            b["name"]: Extractor(Backbone(**b["entry"]), weights or b["weights"], runtime,
+                                 tta=b.get("tta", False))
+            for b in self.ensemble.backbones}
+
+    def features(self, photos: list[Photo]) -> tuple[dict[str, np.ndarray], list[str]]:
+        feats, reasons = {}, [""] * len(photos)
+        for name, ex in self.extractors.items():
+            feats[name], why = ex.features(photos)
+            reasons = [a or b for a, b in zip(reasons, why)]
+        return feats, reasons
+
+    def predict_photos(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
+        """P(dog) per photo (NaN where unreadable) and the reasons."""
+        feats, reasons = self.features(photos)
+        p = self.ensemble.predict(feats)
+        p[[bool(r) for r in reasons]] = np.nan
+        return p, reasons
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stacking.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the model/ folder a stacking.run wrote")
+    parser.add_argument("--weights", default=None,
+                        help="weights file or folder, if they have moved since the run")
+    parser.add_argument("photos", nargs="+", help="photo files")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        predictor = Predictor(args.model, args.weights)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    photos = [Photo(Path(p).name, -1, p) for p in args.photos]
+    p, reasons = predictor.predict_photos(photos)
+    for photo, prob, reason in zip(photos, p, reasons):
+        if reason:
+            print(f"{photo.path}\terror: {reason}")
+        else:
+            print(f"{photo.path}\t{prob:.6f}")
+    return 1 if any(reasons) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

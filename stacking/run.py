@@ -1,0 +1,197 @@
+"""The whole two-level run in one command.
+
+    python -m stacking.run --folds 5 [--data DIR ...] [--backbones a,b,c] [--out DIR]
+                           [--submit-with MODEL] [--holdout FRACTION]
+
+Extracts missing features through the cache, makes the folds once, fits every backbone's head,
+concat-fusion and the stackers on those folds, and writes into ``--out``: submission.csv, folds.csv,
+oof/ and test/ predictions of every model, report.md + report.json + plots, and model/ (the
+fitted ensemble, for ``python -m stacking.predict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from features.cache import StaleCacheError, load_features
+from features.data import DataError, PhotoSet, load_photos
+from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
+from features.extract import extract, setup_logging
+from features.models import resolve_weights
+from features.registry import get_backbone
+from oof.crossfit import TEST_MODES
+from oof.folds import align_folds, load_folds, make_folds, save_folds
+from oof.heads import HEADS
+from oof.store import save_oof, save_test
+from stacking.ensemble import Ensemble, fit_ensemble
+from stacking.report import choose_model, write_report
+from stacking.submission import CLIP, scores, write_submission
+
+log = logging.getLogger("gapstack")
+
+DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]:
+    """A stratified, seeded fraction of the training photos, set aside as a labelled test."""
+    if not fraction:
+        return set()
+    from sklearn.model_selection import train_test_split
+
+    _, held = train_test_split([p.id for p in photos.train], test_size=fraction, random_state=seed,
+                               stratify=[p.label for p in photos.train])
+    return set(held)
+
+
+def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
+           overwrite: bool) -> tuple[dict, list[dict], list]:
+    """Features of every backbone from the cache (extracting what is missing), and what made them."""
+    loaded, described, unreadable = {}, [], []
+    for name in backbones:
+        backbone = get_backbone(name)
+        path = extract(photos, backbone, weights, cache, overwrite=overwrite, tta=tta)
+        loaded[backbone.name] = load_features(path)
+        unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
+        described.append({"name": backbone.name, "entry": asdict(backbone),
+                          "weights": resolve_weights(backbone, weights), "tta": tta,
+                          "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime")})
+    return loaded, described, sorted(set(unreadable))
+
+
+def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
+    """Each backbone's feature rows for ``ids`` (NaN rows for ids it could not read)."""
+    out = {}
+    for name, f in loaded.items():
+        table_ids = f.train_ids if split == "train" else f.test_ids
+        table = f.train if split == "train" else f.test
+        index = {i: r for r, i in enumerate(table_ids)}
+        X = np.full((len(ids), table.shape[1]), np.nan, dtype=np.float32)
+        have = [(k, index[i]) for k, i in enumerate(ids) if i in index]
+        if have:
+            dst, src = map(list, zip(*have))
+            X[dst] = table[src]
+        out[name] = X
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    photos = load_photos(args.data)
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    for h in heads:
+        if h not in HEADS:
+            raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
+    # The cache holds every training photo; the holdout is a selection of rows, so changing
+    # --holdout never invalidates the features.
+    loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
+                                           args.overwrite)
+    held_out = holdout_ids(photos, args.holdout, args.seed)
+    held = [p for p in photos.train if p.id in held_out]
+    # Training rows: photos every backbone could read.
+    readable = set.intersection(*(set(f.train_ids) for f in loaded.values()))
+    train = [p for p in photos.train if p.id in readable and p.id not in held_out]
+    train_ids, y = [p.id for p in train], np.array([p.label for p in train])
+    X = rows(loaded, train_ids, "train")
+    if args.folds_file:
+        folds = load_folds(args.folds_file, train_ids)
+    else:
+        folds = make_folds(train_ids, y, args.folds, args.seed)
+    save_folds(folds, out / "folds.csv")
+    folds = align_folds(folds, train_ids)
+    fold = folds["fold"].to_numpy()
+
+    ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
+                                 test_mode=args.test_mode, log=log.info)
+    cv = {name: scores(y, p) for name, p in oof.items()}
+    chosen, clipped, reason = choose_model(cv, args.submit_with, args.clip)
+    ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
+    ensemble.save(out / "model")
+
+    (out / "oof").mkdir(exist_ok=True)
+    (out / "test").mkdir(exist_ok=True)
+    for name, p in oof.items():
+        save_oof(out / "oof" / f"{name.replace('/', '__')}.csv", train_ids, y, fold, p)
+    test_ids = [p.id for p in photos.test]
+    test_pred = ensemble.predict_all(rows(loaded, test_ids, "test"))
+    for name, p in test_pred.items():
+        save_test(out / "test" / f"{name.replace('/', '__')}.csv", test_ids, p)
+    write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
+
+    holdout = None
+    if held:
+        held_ids = [p.id for p in held]
+        held_y = np.array([p.label for p in held])
+        held_pred = ensemble.predict_all(rows(loaded, held_ids, "train"))
+        holdout = {name: scores(held_y, held_pred[name]) for name in cv}
+        pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
+
+    info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
+            "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
+            "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
+            "unreadable": unreadable, "backbone_details": described,
+            "seconds": round(time.time() - started, 1)}
+    table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y)
+    print(table)
+    print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); report: {out / 'report.md'}")
+    return {"cv": cv, "holdout": holdout, "chosen": chosen}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stacking.run", description=__doc__.split("\n\n")[0])
+    on_kaggle = KAGGLE_COMPETITION.exists()
+    parser.add_argument("--data", nargs="+", default=[str(d) for d in default_data_dirs()],
+                        help="Kaggle-layout folder(s); default: the Kaggle input, else the shared sample")
+    parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
+                        help="comma-separated registry names or .keras paths (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=5, help="number of stratified folds (default: 5)")
+    parser.add_argument("--folds-file", help="reuse a saved folds.csv instead of making new folds")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
+    parser.add_argument("--submit-with", default=None, help="model for submission.csv "
+                        "(default: the lowest clipped CV log loss)")
+    parser.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+                        help=f"clip the submission to {list(CLIP)}: auto keeps it where it lowers "
+                             "the CV log loss")
+    parser.add_argument("--heads", default="logistic",
+                        help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
+    parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
+    parser.add_argument("--test-mode", choices=TEST_MODES, default="fold_mean",
+                        help="test predictions: mean of the fold models, or one model refitted on all rows")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="fraction of training photos kept aside as a labelled test (default: 0)")
+    parser.add_argument("--weights", default="default",
+                        help="weights for every backbone: 'imagenet', or a folder holding their files")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
+    parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        base = KAGGLE_WORKING if on_kaggle else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        args.out = str(base)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DataError, KeyError, FileNotFoundError, StaleCacheError, ValueError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
