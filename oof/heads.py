@@ -6,9 +6,11 @@ activation map exact: ``coef_`` and ``intercept_`` act on standardised features.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -48,22 +50,39 @@ class BinaryClassifier(ClassifierMixin, BaseEstimator):
 class LogisticHead(BinaryClassifier):
     """The default head: standardised features, L2 logistic regression.
 
+    The best regularisation depends on the backbone and the data (on the shared photos it moved
+    from 0.1 on 1,600 photos to 0.01 on 7,700), so by default C is chosen by an inner stratified
+    CV on the rows the head is fitted on: nested inside our folds, it never sees the held-out fold.
+
     Parameters
     ----------
-    C : float, inverse regularisation strength (chosen by CV on the shared photos).
+    C : float or "auto", inverse regularisation strength; "auto" picks one of ``Cs`` by
+        inner 3-fold CV log loss.
+    Cs : tuple of float, the candidates for "auto".
     max_iter : int, solver iterations.
     """
 
-    def __init__(self, C: float = 0.1, max_iter: int = 3000):
+    def __init__(self, C: float | str = "auto", Cs: tuple = (0.003, 0.01, 0.03, 0.1, 0.3),
+                 max_iter: int = 3000):
         self.C = C
+        self.Cs = Cs
         self.max_iter = max_iter
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
         target = self._set_classes(y)
         self.scaler_ = StandardScaler().fit(X)
-        self.lr_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(self.scaler_.transform(X), target)
-        self.n_iter_ = self.lr_.n_iter_
+        Z = self.scaler_.transform(X)
+        if self.C == "auto":
+            with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
+                warnings.simplefilter("ignore", FutureWarning)
+                self.lr_ = LogisticRegressionCV(Cs=list(self.Cs), cv=3, scoring="neg_log_loss",
+                                                max_iter=self.max_iter).fit(Z, target)
+            self.C_ = float(np.ravel(self.lr_.C_)[0])
+        else:
+            self.lr_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(Z, target)
+            self.C_ = float(self.C)
+        self.n_iter_ = np.max(self.lr_.n_iter_)
         return self
 
     def decision_function(self, X) -> np.ndarray:

@@ -105,7 +105,7 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
     best_single = min((n for n in names if "/" in n), key=lambda n: cv[n]["log_loss_clipped"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for name in dict.fromkeys([chosen, best_single]):
-        frac, mean = calibration_curve(y, oof[name], n_bins=12, strategy="quantile")
+        frac, mean = calibration_curve(y, oof[name], n_bins=10, strategy="uniform")
         axes[0].plot(mean, frac, "o-", label=name)
     axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
     axes[0].set_xlabel("predicted P(dog) (OOF)")
