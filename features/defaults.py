@@ -14,6 +14,9 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
 
+# Decoding threads: one per core (the forward pass overlaps them).
+WORKERS = os.cpu_count() or 2
+
 
 def shared_dir() -> Path:
     """The read-only ``shared/`` folder beside the checkout (``GAPSTACK_SHARED`` overrides)."""

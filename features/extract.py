@@ -27,7 +27,7 @@ from features import __version__
 from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, assemble, cache_path,
                             check_fresh)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
-from features.defaults import CACHE_DIR, default_data_dirs
+from features.defaults import CACHE_DIR, WORKERS, default_data_dirs
 from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
@@ -105,7 +105,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
-            cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None, workers: int = 2,
+            cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None, workers: int = WORKERS,
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
             tta: bool = False, progress: bool = True, runtime: str = "auto") -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
@@ -157,7 +157,7 @@ class Extractor:
     """A backbone ready to turn photos into GAP features: model built and runtime chosen once."""
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
-                 batch_size: int | None = None, workers: int = 2, fast_decode: bool = False,
+                 batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
                  tta: bool = False):
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="photos per forward call (default: the runtime's measured best)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="forward pass: ONNX Runtime if it matches Keras (auto), or force one")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: cores)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="photos per journalled chunk (what a killed run may redo)")
     parser.add_argument("--tta", action="store_true", help="average features of the photo and its mirror")

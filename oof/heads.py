@@ -13,7 +13,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
+
+try:
+    from sklearn.utils.validation import validate_data
+except ImportError:  # scikit-learn < 1.6 (older Kaggle images): the same check was a method
+    def validate_data(estimator, X, y=None, reset=True, **kwargs):
+        if y is None:
+            return estimator._validate_data(X, reset=reset, **kwargs)
+        return estimator._validate_data(X, y, reset=reset, **kwargs)
 
 from features.defaults import SEED
 
@@ -23,7 +31,7 @@ class BinaryClassifier(ClassifierMixin, BaseEstimator):
 
     def _set_classes(self, y) -> np.ndarray:
         check_classification_targets(y)
-        y_type = type_of_target(y, input_name="y", raise_unknown=True)
+        y_type = type_of_target(y, input_name="y")
         if y_type != "binary":
             raise ValueError("Only binary classification is supported. The type of the target "
                              f"is {y_type}.")

@@ -52,12 +52,12 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
-           overwrite: bool) -> tuple[dict, list[dict], list]:
+           overwrite: bool, batch_size: int | None = None) -> tuple[dict, list[dict], list]:
     """Features of every backbone from the cache (extracting what is missing), and what made them."""
     loaded, described, unreadable = {}, [], []
     for name in backbones:
         backbone = get_backbone(name)
-        path = extract(photos, backbone, weights, cache, overwrite=overwrite, tta=tta)
+        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta)
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     # The cache holds every training photo; the holdout is a selection of rows, so changing
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
-                                           args.overwrite)
+                                           args.overwrite, args.batch_size)
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -169,8 +169,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test predictions: mean of the fold models, or one model refitted on all rows")
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="fraction of training photos kept aside as a labelled test (default: 0)")
-    parser.add_argument("--weights", default="default",
-                        help="weights for every backbone: 'imagenet', or a folder holding their files")
+    parser.add_argument("--weights", "--weights-dir", default="default",
+                        help="weights for every backbone: 'imagenet', or a folder holding their files "
+                             "(default: each backbone's own default)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="photos per forward pass (default: the runtime's measured best)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from features.defaults import SEED
-from oof.heads import BinaryClassifier
+from oof.heads import BinaryClassifier, validate_data
 
 # Probabilities are clipped this far from 0 and 1 before taking logits (a level-1 model can
 # output exactly 0 or 1 in float64).
