@@ -58,10 +58,26 @@ class OnnxForward:
         return self.session.run(None, {self.input: np.ascontiguousarray(pixels, np.float32)})[0]
 
 
-def onnx_available() -> bool:
+def has_gpu() -> bool:
+    """True when Keras runs on an accelerator (then it, not a CPU runtime, should do the work)."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    return False
+
+
+def onnx_available() -> bool:
+    """ONNX Runtime can take over: TensorFlow backend on a CPU, with tf2onnx and onnxruntime."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or has_gpu():
         return False
     try:
         import onnxruntime  # noqa: F401
@@ -78,8 +94,8 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = None):
     """A callable pixels -> features for ``model`` on the chosen runtime.
 
-    "auto": ONNX Runtime if installed, on the TensorFlow backend, and within ``TOLERANCE`` of
-    Keras on ``check_batch``; otherwise Keras. "onnx" insists (raises if unavailable or off).
+    "auto": ONNX Runtime if installed, on the TensorFlow backend without a GPU, and within
+    ``TOLERANCE`` of Keras on ``check_batch``; otherwise Keras. "onnx" insists (raises if unavailable or off).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")

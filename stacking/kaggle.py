@@ -12,6 +12,7 @@ from pathlib import Path
 
 from features.defaults import KAGGLE_INPUT, KAGGLE_WORKING, default_data_dirs
 from features.registry import get_backbone
+from features.runtime import has_gpu
 from stacking.run import main
 
 # --- settings ---
@@ -35,16 +36,6 @@ def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | 
             if f.name in wanted:
                 return f.parent
     return None
-
-
-def has_gpu() -> bool:
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU"))
-    return False
 
 
 def kaggle_main(argv: list[str] | None = None) -> int:
