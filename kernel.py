@@ -981,10 +981,12 @@ class Extractor:
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
-                 tta: bool = False):
+                 tta: bool = False, model=None):
+        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        self.run = make_forward(build_gap_model(self.backbone, self.weights), runtime)
+        model = model if model is not None else build_gap_model(self.backbone, self.weights)
+        self.run = make_forward(model, runtime)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -1017,12 +1019,11 @@ class Extractor:
     def features(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
         """Features of a list of photos in memory (for prediction; extraction uses the cache)."""
         batches = [photos[i:i + self.batch_size] for i in range(0, len(photos), self.batch_size)]
-        out = np.zeros((0, self.backbone.feature_dim), np.float32)
-        reasons: list[str] = []
+        parts, reasons = [], []
         for _, feats, why in self.stream(batches):
-            out = np.concatenate([out, feats])
+            parts.append(feats)
             reasons.extend(why)
-        return out, reasons
+        return np.concatenate(parts), reasons
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
@@ -1712,6 +1713,16 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              table, "",
              f"Submission: **{chosen}**: {reason}"
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
+    if info.get("exclusion"):
+        ex = info["exclusion"]
+        lines += [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
+                  "Same folds; both columns scored on the kept photos only.", "",
+                  "| model | CV log loss, trained with them | CV log loss, trained without | change |",
+                  "| --- | --- | --- | --- |"]
+        for name, s in cv.items():
+            before = ex["cv_with_excluded_rows"][name]["log_loss"]
+            lines.append(f"| {name} | {before:.4f} | {s['log_loss']:.4f} | {s['log_loss'] - before:+.4f} |")
+        lines.append("")
     if info.get("unreadable"):
         lines += [f"Unreadable photos: {len(info['unreadable'])} (test rows among them get 0.5).", ""]
     lines += [f"![{title}]({file})" for title, file in plots.items()]
@@ -1818,6 +1829,28 @@ def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def read_exclusions(path: str | Path) -> set[str]:
+    """Ids to leave out of training: rows of an outliers.csv (from features.clean) whose ``drop``
+    is 1, or every row when the file has no ``drop`` column."""
+    df = pd.read_csv(path, dtype={"id": str})
+    if "id" not in df.columns:
+        raise ValueError(f"{path}: needs an id column (an outliers.csv from features.clean)")
+    if "drop" in df.columns:
+        df = df[df["drop"].astype(int) == 1]
+    return set(df["id"])
+
+
+def compare_exclusion(described, X, y, fold, keep, heads, args) -> dict:
+    """CV of every model trained with and without the excluded rows, on the same folds, both
+    scored on the kept rows only (so the comparison is fair)."""
+    log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
+             int((~keep).sum()), len(keep))
+    _, oof_all = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
+                              test_mode=args.test_mode, log=log.debug)
+    return {"n_excluded": int((~keep).sum()), "source": str(args.exclude),
+            "cv_with_excluded_rows": {name: scores(y[keep], p[keep]) for name, p in oof_all.items()}}
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.time()
     out = Path(args.out)
@@ -1847,6 +1880,12 @@ def run(args: argparse.Namespace) -> dict:
     folds = align_folds(folds, train_ids)
     fold = folds["fold"].to_numpy()
 
+    exclusion = None
+    if args.exclude:
+        keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
+        exclusion = compare_exclusion(described, X, y, fold, keep, heads, args)
+        train_ids = [i for i, k in zip(train_ids, keep) if k]
+        X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
                                  test_mode=args.test_mode, log=log.info)
     cv = {name: scores(y, p) for name, p in oof.items()}
@@ -1873,6 +1912,7 @@ def run(args: argparse.Namespace) -> dict:
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
+            "exclusion": exclusion,
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,
@@ -1913,6 +1953,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
+    parser.add_argument("--exclude", default=None,
+                        help="outliers.csv (features.clean): train without its rows whose drop is 1, "
+                             "and report the CV with and without them")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     if args.out is None:

@@ -158,10 +158,12 @@ class Extractor:
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
-                 tta: bool = False):
+                 tta: bool = False, model=None):
+        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        self.run = make_forward(build_gap_model(self.backbone, self.weights), runtime)
+        model = model if model is not None else build_gap_model(self.backbone, self.weights)
+        self.run = make_forward(model, runtime)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -194,12 +196,11 @@ class Extractor:
     def features(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
         """Features of a list of photos in memory (for prediction; extraction uses the cache)."""
         batches = [photos[i:i + self.batch_size] for i in range(0, len(photos), self.batch_size)]
-        out = np.zeros((0, self.backbone.feature_dim), np.float32)
-        reasons: list[str] = []
+        parts, reasons = [], []
         for _, feats, why in self.stream(batches):
-            out = np.concatenate([out, feats])
+            parts.append(feats)
             reasons.extend(why)
-        return out, reasons
+        return np.concatenate(parts), reasons
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,

@@ -68,6 +68,16 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              table, "",
              f"Submission: **{chosen}**: {reason}"
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
+    if info.get("exclusion"):
+        ex = info["exclusion"]
+        lines += [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
+                  "Same folds; both columns scored on the kept photos only.", "",
+                  "| model | CV log loss, trained with them | CV log loss, trained without | change |",
+                  "| --- | --- | --- | --- |"]
+        for name, s in cv.items():
+            before = ex["cv_with_excluded_rows"][name]["log_loss"]
+            lines.append(f"| {name} | {before:.4f} | {s['log_loss']:.4f} | {s['log_loss'] - before:+.4f} |")
+        lines.append("")
     if info.get("unreadable"):
         lines += [f"Unreadable photos: {len(info['unreadable'])} (test rows among them get 0.5).", ""]
     lines += [f"![{title}]({file})" for title, file in plots.items()]

@@ -82,6 +82,28 @@ def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def read_exclusions(path: str | Path) -> set[str]:
+    """Ids to leave out of training: rows of an outliers.csv (from features.clean) whose ``drop``
+    is 1, or every row when the file has no ``drop`` column."""
+    df = pd.read_csv(path, dtype={"id": str})
+    if "id" not in df.columns:
+        raise ValueError(f"{path}: needs an id column (an outliers.csv from features.clean)")
+    if "drop" in df.columns:
+        df = df[df["drop"].astype(int) == 1]
+    return set(df["id"])
+
+
+def compare_exclusion(described, X, y, fold, keep, heads, args) -> dict:
+    """CV of every model trained with and without the excluded rows, on the same folds, both
+    scored on the kept rows only (so the comparison is fair)."""
+    log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
+             int((~keep).sum()), len(keep))
+    _, oof_all = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
+                              test_mode=args.test_mode, log=log.debug)
+    return {"n_excluded": int((~keep).sum()), "source": str(args.exclude),
+            "cv_with_excluded_rows": {name: scores(y[keep], p[keep]) for name, p in oof_all.items()}}
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.time()
     out = Path(args.out)
@@ -111,6 +133,12 @@ def run(args: argparse.Namespace) -> dict:
     folds = align_folds(folds, train_ids)
     fold = folds["fold"].to_numpy()
 
+    exclusion = None
+    if args.exclude:
+        keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
+        exclusion = compare_exclusion(described, X, y, fold, keep, heads, args)
+        train_ids = [i for i, k in zip(train_ids, keep) if k]
+        X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
                                  test_mode=args.test_mode, log=log.info)
     cv = {name: scores(y, p) for name, p in oof.items()}
@@ -137,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
+            "exclusion": exclusion,
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,
@@ -177,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
+    parser.add_argument("--exclude", default=None,
+                        help="outliers.csv (features.clean): train without its rows whose drop is 1, "
+                             "and report the CV with and without them")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     if args.out is None:

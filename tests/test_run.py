@@ -26,6 +26,9 @@ def runs(tmp_path_factory):
             "--holdout", "0.2"]
     assert run_mod.main([*args, "--out", str(root / "a")]) == 0
     assert run_mod.main([*args, "--out", str(root / "b"), "--clip", "on"]) == 0
+    pd.DataFrame({"id": ["cat.3", "dog.7", "dog.8"], "drop": [1, 1, 0]}).to_csv(root / "outliers.csv",
+                                                                              index=False)
+    assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
     return root
 
 
@@ -104,8 +107,21 @@ def test_score_matches_the_report(runs, tmp_path):
 
 def test_run_errors_are_clear(runs, capsys):
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3",
-            "--cache", str(runs / "cache"), "--out", str(runs / "c")]
+            "--cache", str(runs / "cache"), "--out", str(runs / "e")]
     assert run_mod.main([*args, "--submit-with", "nope"]) == 2
     assert "Unknown model 'nope' for --submit-with; available:" in capsys.readouterr().err
     assert run_mod.main([*args[:2], "--backbones", "resnet5", "--out", str(runs / "d")]) == 2
     assert "Unknown backbone 'resnet5'" in capsys.readouterr().err
+
+
+def test_exclusion_is_compared_on_the_same_kept_rows(runs):
+    report = json.loads((runs / "c" / "report.json").read_text())
+    ex = report["exclusion"]
+    assert ex["n_excluded"] == 2
+    oof = pd.read_csv(runs / "c" / "oof" / "stack-lr.csv", dtype={"id": str})
+    assert not {"cat.3", "dog.7"} & set(oof["id"]) and "dog.8" in set(oof["id"])
+    folds_all = pd.read_csv(runs / "a" / "folds.csv", dtype={"id": str}).set_index("id")
+    assert (oof.set_index("id")["fold"] == folds_all.loc[oof["id"], "fold"]).all()  # same folds
+    kept = ex["cv_with_excluded_rows"]["stack-lr"]
+    assert kept["n"] == report["cv"]["stack-lr"]["n"] == len(oof)
+    assert "Without the 2 photos excluded" in (runs / "c" / "report.md").read_text()

@@ -1,0 +1,278 @@
+"""Find training photos that are not a clear cat or dog photo, show them, and list them.
+
+    python -m features.clean --data DIR [DIR ...] [--out DIR] [--run RUN_DIR]
+
+Detectors (plain functions over arrays, each returning its values and where it fires):
+  tiny        smallest side under ``TINY_PX``;
+  colour      the write-up's IQR rule on colour statistics (share of coloured pixels, pixel
+              standard deviation), low side: text, drawings, flat images;
+  imagenet    no dog breed (ImageNet 151..268) or domestic cat (281..285) in the top-N classes
+              of an ImageNet classifier (``efficientnet_lite2_top.keras`` by default);
+  label       every model's out-of-fold P(given label) under ``LABEL_P``: probably mislabelled;
+  duplicate   cosine similarity of GAP features over ``DUPLICATE_COS`` (within train, train-test).
+A photo is flagged when tiny, label or duplicate (the later of a pair) fires, or when imagenet or
+colour fires and our cat/dog model is unsure too (out-of-fold P(given label) < 0.5): grey photos
+and cats in cages that ImageNet misreads stay. Writes
+``outliers.csv`` (id, label, score, detectors, values, drop=1 to edit) and ``contact_sheet.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from features.data import Photo, PhotoReader, load_photos
+from features.defaults import SEED, WORKERS, default_weights_dir
+from features.images import ImageError, decode_rgb, resize
+
+TINY_PX = 64
+IQR_K = 1.5
+TOP_N = 5
+LABEL_P = 0.05
+DUPLICATE_COS = 0.97
+DOG_CLASSES = np.arange(151, 269)
+CAT_CLASSES = np.arange(281, 286)
+IMAGENET_MODEL = "efficientnet_lite2_top.keras"
+
+
+def colour_stats(rgb: np.ndarray) -> tuple[float, float]:
+    """(share of pixels whose channels differ by more than 20, pixel standard deviation)."""
+    small = resize(rgb, (128, 128), "area").astype(np.int16)
+    return float(((small.max(2) - small.min(2)) > 20).mean()), float(small.std())
+
+
+def iqr_low(values: np.ndarray, k: float = IQR_K) -> tuple[np.ndarray, float]:
+    """Tukey's rule, low side: fires below Q1 - k * IQR. Returns (fired, bound)."""
+    q1, q3 = np.percentile(values, [25, 75])
+    bound = q1 - k * (q3 - q1)
+    return values < bound, float(bound)
+
+
+def imagenet_catdog(probs: np.ndarray, top_n: int = TOP_N) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cat+dog probability mass, top class, fired: no cat or dog class among the top N)."""
+    catdog = np.concatenate([DOG_CLASSES, CAT_CLASSES])
+    top = np.argsort(-probs, axis=1)[:, :top_n]
+    fired = ~np.isin(top, catdog).any(axis=1)
+    return probs[:, catdog].sum(axis=1), top[:, 0], fired
+
+
+def label_issues(labels: np.ndarray, p_dog: np.ndarray, threshold: float = LABEL_P):
+    """(highest P(given label) over the models, fired: every model gives it under ``threshold``).
+
+    ``p_dog``: out-of-fold P(dog), one column per model."""
+    p_dog = np.atleast_2d(np.asarray(p_dog).T).T
+    p_label = np.where(np.asarray(labels)[:, None] == 1, p_dog, 1 - p_dog)
+    best = p_label.max(axis=1)
+    return best, best < threshold
+
+
+def near_duplicates(a: np.ndarray, b: np.ndarray | None = None, threshold: float = DUPLICATE_COS,
+                    block: int = 2048) -> list[tuple[int, int, float]]:
+    """Pairs (i in a, j in b) with cosine similarity over ``threshold``; within ``a`` if b is None."""
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    a_u = unit(a.astype(np.float32))
+    b_u = a_u if b is None else unit(b.astype(np.float32))
+    pairs = []
+    for start in range(0, len(a_u), block):
+        sims = a_u[start:start + block] @ b_u.T
+        for i, j in zip(*np.nonzero(sims > threshold)):
+            gi = start + i
+            if b is None and j <= gi:
+                continue
+            pairs.append((int(gi), int(j), float(sims[i, j])))
+    return pairs
+
+
+def imagenet_model(path: str | Path):
+    """The classifier as one model: raw pixels -> [GAP features (1280), class probabilities]."""
+    import keras
+
+    model = keras.saving.load_model(path, compile=False)
+    gap = next((l.output for l in model.layers if len(l.output.shape) == 2 and l is not model.layers[-1]
+                and "pool" in l.name), None)
+    if gap is None:
+        raise ValueError(f"{path}: no global pooling layer before the classifier")
+    return keras.Model(model.input, keras.layers.Concatenate()([gap, model.output]))
+
+
+def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS):
+    """Decode every photo once for sizes and colour, and run the classifier: per-photo table,
+    GAP features and class probabilities (NaN rows where a photo cannot be read)."""
+    from features.extract import Extractor
+    from features.registry import backbone_from_file
+
+    reader = PhotoReader()
+
+    def look(photo):
+        try:
+            rgb = decode_rgb(reader.read(photo), photo.name)
+        except (ImageError, OSError) as exc:
+            return np.nan, np.nan, np.nan, str(exc)
+        return (min(rgb.shape[:2]), *colour_stats(rgb), "")
+
+    with ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(look, photos))
+    table = pd.DataFrame(rows, columns=["min_side", "colour_ratio", "pixel_std", "error"])
+    entry = backbone_from_file(model_path)
+    model = imagenet_model(model_path)
+    out, _ = Extractor(entry, str(model_path), model=model).features(photos)
+    n_gap = out.shape[1] - 1000
+    return table, out[:, :n_gap], out[:, n_gap:]
+
+
+def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p_dog: np.ndarray,
+                  dup_pairs: list[tuple[int, str, float]]) -> pd.DataFrame:
+    """Combine the detectors into one row per photo with the detectors that fired and a score."""
+    labels = np.array([p.label for p in photos])
+    df = table.copy()
+    df.insert(0, "id", [p.id for p in photos])
+    df.insert(1, "label", labels)
+    ok = df["error"] == ""
+    df["tiny"] = ok & (df["min_side"] < TINY_PX)
+    # The coloured-pixel share is skewed (many photos near 0.5, a tail towards 0): on a log scale
+    # Tukey's rule has a bound above zero, so grey, text and drawn photos fall below it.
+    colour_lo, _ = iqr_low(np.log10(df.loc[ok, "colour_ratio"].to_numpy() + 0.01))
+    std_lo, _ = iqr_low(df.loc[ok, "pixel_std"].to_numpy())
+    df["colour"] = False
+    df.loc[ok, "colour"] = colour_lo | std_lo
+    mass, top, fired = imagenet_catdog(np.nan_to_num(probs))
+    df["catdog_mass"], df["top_class"] = mass, top
+    df["imagenet"] = ok & fired
+    best, wrong = label_issues(labels, p_dog)
+    df["p_given_label"], df["label"] = best, labels
+    df["label_issue"] = ok & wrong
+    df["duplicate_of"] = ""
+    for i, other, cos in dup_pairs:
+        df.loc[i, "duplicate_of"] = f"{other} ({cos:.3f})"
+    df["duplicate"] = df["duplicate_of"] != ""
+    df["unreadable"] = ~ok
+    detectors = ["unreadable", "tiny", "imagenet", "label_issue", "duplicate", "colour"]
+    # ImageNet's top classes and the colour rule alone catch many real pets (cats in cages,
+    # dark or grey photos) that our cat/dog model gets right: they flag only with its doubt.
+    df["flagged"] = (df[["unreadable", "tiny", "label_issue", "duplicate"]].any(axis=1)
+                     | ((df["imagenet"] | df["colour"]) & (df["p_given_label"] < 0.5)))
+    df["detectors"] = df[detectors].apply(lambda r: ";".join(d for d in detectors if r[d]), axis=1)
+    df["score"] = (df[detectors].sum(axis=1) + (1 - df["catdog_mass"]) + (1 - df["p_given_label"])).round(4)
+    # A photo whose only fault is a twin in the test set is kept (it is still a good example).
+    test_twin_only = (df["detectors"] == "duplicate") & df["duplicate_of"].str.startswith("test/")
+    df["drop"] = (df["flagged"] & ~test_twin_only).astype(int)
+    return df
+
+
+def contact_sheet(photos: list[Photo], flagged: pd.DataFrame, path: Path, size: int = 180,
+                  columns: int = 8, limit: int = 160) -> None:
+    """A PNG grid of the flagged photos, each captioned with its id and the detectors that fired."""
+    reader = PhotoReader()
+    by_id = {p.id: p for p in photos}
+    tiles = []
+    for _, row in flagged.head(limit).iterrows():
+        try:
+            rgb = decode_rgb(reader.read(by_id[row["id"]]), row["id"])
+            h, w = rgb.shape[:2]
+            scale = size / max(h, w)
+            thumb = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+        except (ImageError, OSError):
+            thumb = np.zeros((size, size, 3), np.uint8)
+        tile = np.full((size + 34, size, 3), 255, np.uint8)
+        tile[:thumb.shape[0], :thumb.shape[1]] = thumb
+        for k, text in enumerate([row["id"], row["detectors"][:30]]):
+            cv2.putText(tile, text, (2, size + 13 + 15 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+        tiles.append(tile)
+    if not tiles:
+        tiles = [np.full((size + 34, size, 3), 255, np.uint8)]
+    while len(tiles) % columns:
+        tiles.append(np.full_like(tiles[0], 255))
+    grid = np.vstack([np.hstack(tiles[r:r + columns]) for r in range(0, len(tiles), columns)])
+    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
+    """The level-1 heads' OOF P(dog) of a stacking run, one column per backbone head."""
+    files = sorted(f for f in (run_dir / "oof").glob("*__*.csv"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir / 'oof'}: no level-1 OOF predictions (from stacking.run)")
+    cols = []
+    for f in files:
+        df = pd.read_csv(f, dtype={"id": str}).set_index("id")
+        missing = [i for i in ids if i not in df.index]
+        if missing:
+            raise ValueError(f"{f}: no OOF prediction for {len(missing)} photos (e.g. {missing[:3]})")
+        cols.append(df.loc[ids, "pred"].to_numpy())
+    return np.column_stack(cols)
+
+
+def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None = None,
+          folds: int = 5) -> pd.DataFrame:
+    """Score every training photo, write outliers.csv and contact_sheet.png; returns all rows."""
+    from oof.crossfit import cross_fit
+    from oof.folds import make_folds
+    from oof.heads import LogisticHead
+
+    photos = load_photos(data, require_test=False)
+    model_path = Path(model_path or default_weights_dir() / IMAGENET_MODEL)
+    table, gap, probs = scan(photos.train + photos.test, model_path)
+    n = len(photos.train)
+    train_table, train_gap = table.iloc[:n].reset_index(drop=True), gap[:n]
+    ids = [p.id for p in photos.train]
+    labels = np.array([p.label for p in photos.train])
+    ok = np.isfinite(train_gap).all(axis=1)
+    if run_dir:
+        p_dog = oof_from_run(Path(run_dir), ids)
+    else:
+        p_dog = np.full(n, 0.5)
+        fold = make_folds(np.array(ids)[ok], labels[ok], folds, SEED)["fold"].to_numpy()
+        p_dog[ok] = cross_fit(LogisticHead(), train_gap[ok], labels[ok], fold).oof
+    safe = np.where(ok[:, None], train_gap, 0)
+    # Within train, the later photo of a pair is the duplicate; the first one stays.
+    pairs = [(j, ids[i], c) for i, j, c in near_duplicates(safe)]
+    if photos.test:
+        test_gap = np.nan_to_num(gap[n:])
+        pairs += [(i, f"test/{photos.test[j].id}", c) for i, j, c in near_duplicates(safe, test_gap)]
+    result = find_outliers(photos.train, train_table, probs[:n], p_dog, pairs)
+    out.mkdir(parents=True, exist_ok=True)
+    flagged = result[result["flagged"]].sort_values("score", ascending=False)
+    columns = ["id", "label", "score", "detectors", "drop", "min_side", "colour_ratio", "pixel_std",
+               "catdog_mass", "top_class", "p_given_label", "duplicate_of", "error"]
+    flagged[columns].to_csv(out / "outliers.csv", index=False)
+    contact_sheet(photos.train, flagged, out / "contact_sheet.png")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from features.extract import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m features.clean", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", required=True, help="Kaggle-layout folder(s)")
+    parser.add_argument("--out", default="clean", help="output folder (default: %(default)s)")
+    parser.add_argument("--imagenet-model", default=None,
+                        help=f"Keras ImageNet classifier (default: {IMAGENET_MODEL} in the weights folder)")
+    parser.add_argument("--run", default=None,
+                        help="a stacking.run output folder: use its level-1 OOF for label issues")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        result = clean(args.data, Path(args.out), args.imagenet_model, args.run)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    flagged = result[result["flagged"]]
+    counts = {d: int(result[d].sum()) for d in ("unreadable", "tiny", "colour", "imagenet", "label_issue",
+                                                 "duplicate")}
+    print(f"{len(result)} photos; detectors fired: "
+          + ", ".join(f"{d} {c}" for d, c in counts.items())
+          + f"; flagged {len(flagged)} ({100 * len(flagged) / max(len(result), 1):.1f} %)")
+    print(f"wrote {Path(args.out) / 'outliers.csv'} and {Path(args.out) / 'contact_sheet.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
