@@ -19,6 +19,7 @@ import cv2
 import h5py
 import hashlib
 import importlib
+import importlib.util
 import io
 import joblib
 import json
@@ -812,12 +813,7 @@ def onnx_available() -> bool:
 
     if keras.backend.backend() != "tensorflow" or has_gpu():
         return False
-    try:
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(name) for name in ("onnxruntime", "tf2onnx"))
 
 
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:

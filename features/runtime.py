@@ -9,6 +9,7 @@ silently changes results.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -79,12 +80,7 @@ def onnx_available() -> bool:
 
     if keras.backend.backend() != "tensorflow" or has_gpu():
         return False
-    try:
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(name) for name in ("onnxruntime", "tf2onnx"))
 
 
 def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:

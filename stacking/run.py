@@ -31,7 +31,7 @@ from oof.crossfit import TEST_MODES
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import save_oof, save_test
-from stacking.ensemble import Ensemble, fit_ensemble
+from stacking.ensemble import fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.submission import CLIP, scores, write_submission
 
