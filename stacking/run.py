@@ -187,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds-file", help="reuse a saved folds.csv instead of making new folds")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
     parser.add_argument("--submit-with", default=None, help="model for submission.csv "
-                        "(default: the lowest clipped CV log loss)")
+                        "(default: the lowest CV log loss, clipped or not as --clip says)")
     parser.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
                         help=f"clip the submission to {list(CLIP)}: auto keeps it where it lowers "
                              "the CV log loss")
