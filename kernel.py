@@ -624,7 +624,11 @@ def recipe_differences(stored: dict, wanted: dict) -> list[str]:
 def read_attrs(path: str | Path) -> dict:
     """The cache's attributes (recipe and provenance), JSON-decoded."""
     with h5py.File(path, "r") as f:
-        return {k: json.loads(v) for k, v in f.attrs.items()}
+        return _decode_attrs(f)
+
+
+def _decode_attrs(f: h5py.File) -> dict:
+    return {k: json.loads(v) for k, v in f.attrs.items()}
 
 
 def check_fresh(path: Path, recipe: dict) -> None:
@@ -664,7 +668,7 @@ def load_features(path: str | Path) -> Features:
         return Features(
             train=f["train"][:], label=f["label"][:], train_ids=f["train_ids"].asstr()[:],
             test=f["test"][:], test_ids=f["test_ids"].asstr()[:], test_ok=f["test_ok"][:],
-            attrs={k: json.loads(v) for k, v in f.attrs.items()}, failed=failed)
+            attrs=_decode_attrs(f), failed=failed)
 
 
 class Journal:
@@ -1380,6 +1384,17 @@ def validate_oof(pred, ids=None, folds: pd.DataFrame | None = None, name: str = 
     return pred
 
 
+def prediction_path(folder: str | Path, model: str) -> Path:
+    """Where a model's predictions live in a run's oof/ or test/ folder: level-1 names
+    ("<backbone>/<head>") become "<backbone>__<head>.csv"."""
+    return Path(folder) / f"{model.replace('/', '__')}.csv"
+
+
+def level1_prediction_files(folder: str | Path) -> list[Path]:
+    """The level-1 heads' files in a run's oof/ or test/ folder (see ``prediction_path``)."""
+    return sorted(Path(folder).glob("*__*.csv"))
+
+
 def save_oof(path: str | Path, ids, labels, fold, oof) -> None:
     """``id,label,fold,pred`` for every training row."""
     validate_oof(oof, ids, name=str(path))
@@ -1892,11 +1907,11 @@ def run(args: argparse.Namespace) -> dict:
     (out / "oof").mkdir(exist_ok=True)
     (out / "test").mkdir(exist_ok=True)
     for name, p in oof.items():
-        save_oof(out / "oof" / f"{name.replace('/', '__')}.csv", train_ids, y, fold, p)
+        save_oof(prediction_path(out / "oof", name), train_ids, y, fold, p)
     test_ids = [p.id for p in photos.test]
     test_pred = ensemble.predict_all(rows(loaded, test_ids, "test"))
     for name, p in test_pred.items():
-        save_test(out / "test" / f"{name.replace('/', '__')}.csv", test_ids, p)
+        save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
 
     holdout = None

@@ -53,7 +53,11 @@ def recipe_differences(stored: dict, wanted: dict) -> list[str]:
 def read_attrs(path: str | Path) -> dict:
     """The cache's attributes (recipe and provenance), JSON-decoded."""
     with h5py.File(path, "r") as f:
-        return {k: json.loads(v) for k, v in f.attrs.items()}
+        return _decode_attrs(f)
+
+
+def _decode_attrs(f: h5py.File) -> dict:
+    return {k: json.loads(v) for k, v in f.attrs.items()}
 
 
 def check_fresh(path: Path, recipe: dict) -> None:
@@ -93,7 +97,7 @@ def load_features(path: str | Path) -> Features:
         return Features(
             train=f["train"][:], label=f["label"][:], train_ids=f["train_ids"].asstr()[:],
             test=f["test"][:], test_ids=f["test_ids"].asstr()[:], test_ok=f["test_ok"][:],
-            attrs={k: json.loads(v) for k, v in f.attrs.items()}, failed=failed)
+            attrs=_decode_attrs(f), failed=failed)
 
 
 class Journal:

@@ -197,7 +197,9 @@ def contact_sheet(photos: list[Photo], flagged: pd.DataFrame, path: Path, size: 
 
 def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
     """The level-1 heads' OOF P(dog) of a stacking run, one column per backbone head."""
-    files = sorted(f for f in (run_dir / "oof").glob("*__*.csv"))
+    from oof.store import level1_prediction_files
+
+    files = level1_prediction_files(run_dir / "oof")
     if not files:
         raise FileNotFoundError(f"{run_dir / 'oof'}: no level-1 OOF predictions (from stacking.run)")
     cols = []

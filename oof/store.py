@@ -33,6 +33,17 @@ def validate_oof(pred, ids=None, folds: pd.DataFrame | None = None, name: str = 
     return pred
 
 
+def prediction_path(folder: str | Path, model: str) -> Path:
+    """Where a model's predictions live in a run's oof/ or test/ folder: level-1 names
+    ("<backbone>/<head>") become "<backbone>__<head>.csv"."""
+    return Path(folder) / f"{model.replace('/', '__')}.csv"
+
+
+def level1_prediction_files(folder: str | Path) -> list[Path]:
+    """The level-1 heads' files in a run's oof/ or test/ folder (see ``prediction_path``)."""
+    return sorted(Path(folder).glob("*__*.csv"))
+
+
 def save_oof(path: str | Path, ids, labels, fold, oof) -> None:
     """``id,label,fold,pred`` for every training row."""
     validate_oof(oof, ids, name=str(path))

@@ -30,7 +30,7 @@ from features.registry import get_backbone
 from oof.crossfit import TEST_MODES
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
-from oof.store import save_oof, save_test
+from oof.store import prediction_path, save_oof, save_test
 from stacking.ensemble import fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.submission import CLIP, scores, write_submission
@@ -149,11 +149,11 @@ def run(args: argparse.Namespace) -> dict:
     (out / "oof").mkdir(exist_ok=True)
     (out / "test").mkdir(exist_ok=True)
     for name, p in oof.items():
-        save_oof(out / "oof" / f"{name.replace('/', '__')}.csv", train_ids, y, fold, p)
+        save_oof(prediction_path(out / "oof", name), train_ids, y, fold, p)
     test_ids = [p.id for p in photos.test]
     test_pred = ensemble.predict_all(rows(loaded, test_ids, "test"))
     for name, p in test_pred.items():
-        save_test(out / "test" / f"{name.replace('/', '__')}.csv", test_ids, p)
+        save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
 
     holdout = None
