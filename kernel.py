@@ -592,6 +592,16 @@ class PhotoReader:
         return archives[photo.path].read(photo.member)
 
 
+class BytesReader:
+    """Photo bytes already in memory (a web upload), keyed by ``Photo.path``; nothing touches disk."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def read(self, photo: Photo) -> bytes:
+        return self.blobs[photo.path]
+
+
 # ==================== features/cache.py ====================
 # The HDF5 feature cache, and the crash-safe journal an extraction writes before it.
 
@@ -992,9 +1002,11 @@ class Extractor:
         self.workers, self.fast_decode = max(1, workers), fast_decode
         self.reader = PhotoReader()
 
-    def stream(self, batches: list[list[Photo]]):
+    def stream(self, batches: list[list[Photo]], reader=None):
         """Yield (photos, features, reasons) per batch, in order; features are NaN where the
-        photo could not be read (reason non-empty). Decoding runs a few batches ahead."""
+        photo could not be read (reason non-empty). Decoding runs a few batches ahead.
+        ``reader``: where the bytes come from (default: files and zip members)."""
+        reader = reader or self.reader
         with ThreadPoolExecutor(self.workers) as pool:
             window: deque = deque()
             queue = iter(batches)
@@ -1004,7 +1016,7 @@ class Extractor:
                     batch = next(queue, None)
                     if batch is None:
                         return
-                    window.append((batch, pool.submit(load_batch, self.reader, batch,
+                    window.append((batch, pool.submit(load_batch, reader, batch,
                                                       self.backbone, self.fast_decode)))
 
             top_up()
@@ -1016,11 +1028,11 @@ class Extractor:
                 out[np.array([bool(r) for r in reasons])] = np.nan
                 yield batch, out, reasons
 
-    def features(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
+    def features(self, photos: list[Photo], reader=None) -> tuple[np.ndarray, list[str]]:
         """Features of a list of photos in memory (for prediction; extraction uses the cache)."""
         batches = [photos[i:i + self.batch_size] for i in range(0, len(photos), self.batch_size)]
         parts, reasons = [], []
-        for _, feats, why in self.stream(batches):
+        for _, feats, why in self.stream(batches, reader):
             parts.append(feats)
             reasons.extend(why)
         return np.concatenate(parts), reasons

@@ -14,6 +14,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=["features", "oof", "stacking"],
+    package_data={"stacking": ["static/*.html"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",  # Keras 3
@@ -30,6 +31,8 @@ setup(
         "pillow",  # decoding: tells truncated JPEGs apart, reads CMYK/16-bit, reduced-size JPEG decode
         "tqdm",  # progress bars with rate and time left
         "matplotlib",  # report plots
+        "flask",  # the web page (stacking.serve), as in the first write-up
+        "waitress",  # production WSGI server for it, pure Python (Flask's own is for development)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "selenium", "requests"]},
 )

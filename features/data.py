@@ -172,3 +172,13 @@ class PhotoReader:
         if photo.path not in archives:
             archives[photo.path] = zipfile.ZipFile(photo.path)
         return archives[photo.path].read(photo.member)
+
+
+class BytesReader:
+    """Photo bytes already in memory (a web upload), keyed by ``Photo.path``; nothing touches disk."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def read(self, photo: Photo) -> bytes:
+        return self.blobs[photo.path]

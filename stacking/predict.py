@@ -18,31 +18,43 @@ from features.data import Photo
 from features.extract import Extractor, setup_logging
 from features.registry import Backbone
 from stacking.ensemble import Ensemble
+from stacking.submission import clip
 
 
 class Predictor:
     """A loaded ensemble with its backbones built once (the web page keeps one of these)."""
 
-    def __init__(self, model_dir: str | Path, weights=None, runtime: str = "auto"):
+    def __init__(self, model_dir: str | Path, weights=None, runtime: str = "auto",
+                 batch_size: int | None = None):
+        """``batch_size``: photos per forward call (None: the runtime's best for bulk work; the
+        web page uses 1, since a padded batch costs a full batch's time)."""
         self.ensemble = Ensemble.load(model_dir)
         self.extractors = {
             b["name"]: Extractor(Backbone(**b["entry"]), weights or b["weights"], runtime,
-                                 tta=b.get("tta", False))
+                                 batch_size, tta=b.get("tta", False))
             for b in self.ensemble.backbones}
 
-    def features(self, photos: list[Photo]) -> tuple[dict[str, np.ndarray], list[str]]:
+    def features(self, photos: list[Photo], reader=None) -> tuple[dict[str, np.ndarray], list[str]]:
         feats, reasons = {}, [""] * len(photos)
         for name, ex in self.extractors.items():
-            feats[name], why = ex.features(photos)
+            feats[name], why = ex.features(photos, reader)
             reasons = [a or b for a, b in zip(reasons, why)]
         return feats, reasons
 
-    def predict_photos(self, photos: list[Photo]) -> tuple[np.ndarray, list[str]]:
-        """P(dog) per photo (NaN where unreadable) and the reasons."""
-        feats, reasons = self.features(photos)
-        p = self.ensemble.predict(feats)
-        p[[bool(r) for r in reasons]] = np.nan
-        return p, reasons
+    def predict_all(self, photos: list[Photo], reader=None) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Every model's P(dog) per photo (NaN where unreadable) and the reasons."""
+        feats, reasons = self.features(photos, reader)
+        bad = np.array([bool(r) for r in reasons])
+        out = self.ensemble.predict_all(feats)
+        for p in out.values():
+            p[bad] = np.nan
+        return out, reasons
+
+    def predict_photos(self, photos: list[Photo], reader=None) -> tuple[np.ndarray, list[str]]:
+        """P(dog) of the submission model per photo, clipped as the submission is (NaN where
+        unreadable), and the reasons."""
+        out, reasons = self.predict_all(photos, reader)
+        return clip(out[self.ensemble.submit_with], self.ensemble.clip), reasons
 
 
 def main(argv: list[str] | None = None) -> int:

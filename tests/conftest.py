@@ -59,3 +59,26 @@ def real_features(tmp_path_factory):
     path = extract(load_photos(data), "efficientnet_lite0", cache_dir=data.parent / "cache",
                    progress=False)
     return load_features(path)
+
+
+BACKBONES = "efficientnet_lite0,efficientnet_lite1"
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Three stacking.run runs on 30 cats, 30 dogs (ids 0-29), 12 test photos: a (default),
+    b (--clip on), c (--exclude); each has its model/ folder."""
+    import pandas as pd
+
+    from stacking import run as run_mod
+
+    root = tmp_path_factory.mktemp("run")
+    data = make_kaggle_dir(root / "data", 30, 12)
+    args = ["--data", str(data), "--backbones", BACKBONES, "--folds", "3", "--cache", str(root / "cache"),
+            "--holdout", "0.2"]
+    assert run_mod.main([*args, "--out", str(root / "a")]) == 0
+    assert run_mod.main([*args, "--out", str(root / "b"), "--clip", "on"]) == 0
+    pd.DataFrame({"id": ["cat.3", "dog.7", "dog.8"], "drop": [1, 1, 0]}).to_csv(root / "outliers.csv",
+                                                                              index=False)
+    assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
+    return root

@@ -13,24 +13,7 @@ from stacking import run as run_mod
 from stacking.predict import Predictor
 from stacking.score import score_files
 from stacking.submission import CLIP
-from tests.conftest import make_kaggle_dir
-
-BACKBONES = "efficientnet_lite0,efficientnet_lite1"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    data = make_kaggle_dir(root / "data", 30, 12)
-    args = ["--data", str(data), "--backbones", BACKBONES, "--folds", "3", "--cache", str(root / "cache"),
-            "--holdout", "0.2"]
-    assert run_mod.main([*args, "--out", str(root / "a")]) == 0
-    assert run_mod.main([*args, "--out", str(root / "b"), "--clip", "on"]) == 0
-    pd.DataFrame({"id": ["cat.3", "dog.7", "dog.8"], "drop": [1, 1, 0]}).to_csv(root / "outliers.csv",
-                                                                              index=False)
-    assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
-    return root
-
+from tests.conftest import BACKBONES
 
 def test_submission_has_every_test_id_once_in_order(runs):
     for name in ("a", "b"):

@@ -1,0 +1,212 @@
+"""Class activation maps (CAM) of the saved ensemble, exact in the mean.
+
+A linear head on GAP features is linear in the spatial mean of the last feature map, so applying
+the head at every position gives a logit map whose mean is the head's logit (Zhou et al., 2016).
+The ensemble is not one linear head: each level-1 model averages K fold heads' probabilities, and
+the level-2 model combines the level-1 columns. We carry the maps through both steps to first
+order around this photo:
+
+    map_b = sum_j w_j * sum_k g_jk * (head map_jk - its mean)      (deviations, per backbone b)
+    map   = Z + sum_b resize(map_b)                                 (Z: the explained logit)
+
+with g_jk = dL_j/dz_jk (fold k's share of level-1 column j) and w_j = dZ/dL_j (the level-2
+model's weight of column j at this photo, by central differences through the fitted stacker).
+Every deviation map has mean zero, so the map's mean is Z exactly, and Z itself is computed from
+the feature maps (not copied from the prediction), so "mean == logit" checks the whole path.
+For a tree stacker (LightGBM) dZ/dL is zero almost everywhere; there the map weighs the level-1
+columns equally: it shows where the backbones looked, centred on the stacker's logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from features.data import Photo
+from features.extract import Extractor
+from features.models import build_feature_map_model
+from features.registry import Backbone
+from oof.crossfit import CrossFit
+from oof.heads import linear_parts
+from stacking.ensemble import CONCAT, Ensemble
+from stacking.stackers import LGBMStacker
+
+# Step, in logits, of the central differences that give the level-2 weights.
+STEP = 1e-4
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def logit_of_mean_sigmoid(z: np.ndarray) -> float:
+    """logit(mean_k sigmoid(z_k)), stable for any z (a CrossFit averages fold probabilities)."""
+    z = np.asarray(z, dtype=np.float64)
+    log_p = np.logaddexp.reduce(-_softplus(-z)) - np.log(len(z))
+    log_q = np.logaddexp.reduce(-_softplus(z)) - np.log(len(z))
+    return float(log_p - log_q)
+
+
+def fold_shares(z: np.ndarray) -> np.ndarray:
+    """g_k = d logit(mean sigmoid(z)) / d z_k, computed in log space."""
+    z = np.asarray(z, dtype=np.float64)
+    log_p = np.logaddexp.reduce(-_softplus(-z)) - np.log(len(z))
+    log_q = np.logaddexp.reduce(-_softplus(z)) - np.log(len(z))
+    log_dsig = -_softplus(z) - _softplus(-z)
+    return np.exp(log_dsig - np.log(len(z)) - log_p - log_q)
+
+
+def fold_logits(cf: CrossFit, x: np.ndarray) -> np.ndarray:
+    """Each fold model's logit for one row."""
+    return np.array([float(m.decision_function(x[None, :])[0]) for m in cf.models])
+
+
+@dataclass
+class LinearMaps:
+    """A linear CrossFit applied at every position: its logit and per-backbone deviation maps."""
+
+    logit: float
+    deviations: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def linear_maps(cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]) -> LinearMaps:
+    """The logit of ``cf`` on the GAP of ``fmaps`` (backbones ``names``, side by side as the model
+    saw them) and, per backbone, sum_k g_k * (fold k's logit map - its mean)."""
+    gap = np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in names])
+    z = fold_logits(cf, gap)
+    shares = fold_shares(z)
+    deviations = {n: np.zeros(fmaps[n].shape[:2]) for n in names}
+    for share, model in zip(shares, cf.models):
+        _, scale, coef, _ = linear_parts(model)
+        start = 0
+        for n in names:
+            f = fmaps[n].astype(np.float64)
+            width = f.shape[-1]
+            w = coef[start:start + width] / scale[start:start + width]
+            dev = (f - f.mean(axis=(0, 1))) @ w
+            deviations[n] += share * dev
+            start += width
+    return LinearMaps(logit_of_mean_sigmoid(z), deviations)
+
+
+def level2_weights(cf: CrossFit, logits: np.ndarray) -> np.ndarray:
+    """dZ/dL_j of a level-2 CrossFit at level-1 logits L, by central differences."""
+    def z_at(L):
+        p = 1.0 / (1.0 + np.exp(-L))
+        return logit_of_mean_sigmoid(fold_logits(cf, p))
+
+    weights = np.zeros(len(logits))
+    for j in range(len(logits)):
+        up, down = logits.copy(), logits.copy()
+        up[j] += STEP
+        down[j] -= STEP
+        weights[j] = (z_at(up) - z_at(down)) / (2 * STEP)
+    return weights
+
+
+@dataclass
+class Explanation:
+    """logit_map: (H, W) at the photo's size, red where it says dog; its mean is ``logit``."""
+
+    model: str
+    logit: float
+    logit_map: np.ndarray
+    weights: dict[str, float]
+    note: str
+
+
+class CamExplainer:
+    """Builds each backbone's feature-map model once; explains one photo at a time."""
+
+    def __init__(self, ensemble: Ensemble, weights=None, runtime: str = "auto", model: str | None = None):
+        self.ensemble = ensemble
+        self.model = model or ensemble.submit_with
+        if self.model not in ensemble.model_names:
+            raise KeyError(f"no model '{self.model}' in this ensemble; it has "
+                           f"{', '.join(ensemble.model_names)}")
+        self.names = [b["name"] for b in ensemble.backbones]
+        self.tta = {b["name"]: bool(b.get("tta")) for b in ensemble.backbones}
+        self.extractors = {}
+        for b in ensemble.backbones:
+            backbone = Backbone(**b["entry"])
+            w = weights or b["weights"]
+            self.extractors[b["name"]] = Extractor(backbone, w, runtime, batch_size=1,
+                                                   model=build_feature_map_model(backbone, w))
+
+    def feature_maps(self, photo: Photo, reader=None) -> dict[str, np.ndarray]:
+        """Each backbone's last feature map (h, w, C) for one photo (flip TTA: both views averaged,
+        the mirrored one flipped back, so its spatial mean is the TTA feature vector)."""
+        from features.extract import load_batch
+
+        out = {}
+        for name, ex in self.extractors.items():
+            pixels, reasons = load_batch(reader or ex.reader, [photo], ex.backbone, ex.fast_decode)
+            if reasons[0]:
+                from features.images import ImageError
+
+                raise ImageError(photo.name, reasons[0])
+            fmap = ex.run(pixels)[0]
+            if self.tta[name]:
+                fmap = (fmap + ex.run(np.ascontiguousarray(pixels[:, :, ::-1]))[0][:, ::-1]) / 2
+            out[name] = fmap
+        return out
+
+    def explain(self, photo: Photo, size: tuple[int, int], reader=None,
+                model: str | None = None) -> Explanation:
+        """The CAM of ``model`` (default: the one chosen at construction) at ``size`` = (height,
+        width) of the shown photo."""
+        fmaps = self.feature_maps(photo, reader)
+        ens, model = self.ensemble, model or self.model
+        if model not in ens.model_names:
+            raise KeyError(f"no model '{model}' in this ensemble; it has {', '.join(ens.model_names)}")
+        note = ""
+        if model == CONCAT:
+            lm = linear_maps(ens.concat, fmaps, self.names)
+            logit, deviations, weights = lm.logit, lm.deviations, {CONCAT: 1.0}
+        else:
+            columns = {name: linear_maps(cf, fmaps, [ens.backbone_of(name)])
+                       for name, cf in ens.level1.items()}
+            if model in ens.level1:
+                weights = {model: 1.0}
+                logit = columns[model].logit
+            else:
+                cf = ens.level2[model]
+                L = np.array([c.logit for c in columns.values()])
+                logit = logit_of_mean_sigmoid(fold_logits(cf, 1.0 / (1.0 + np.exp(-L))))
+                if isinstance(cf.models[0], LGBMStacker):
+                    w = np.full(len(L), 1.0 / len(L))
+                    note = (f"{model} is a tree model, not linear in its inputs: the map weighs the "
+                            "backbones equally and is centred on its logit")
+                else:
+                    w = level2_weights(cf, L)
+                weights = dict(zip(columns, w.tolist()))
+            deviations = {n: np.zeros(fmaps[n].shape[:2]) for n in self.names}
+            for name, c in columns.items():
+                if weights.get(name):
+                    for n, dev in c.deviations.items():
+                        deviations[n] += weights[name] * dev
+        return Explanation(model, logit, combine(logit, deviations, size), weights, note)
+
+
+def combine(logit: float, deviations: dict[str, np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """logit + each backbone's deviation map resized to ``size``; each resized map is re-centred,
+    since bilinear resizing moves the mean slightly at the borders."""
+    height, width = size
+    out = np.full((height, width), logit, dtype=np.float64)
+    for dev in deviations.values():
+        up = cv2.resize(dev.astype(np.float64), (width, height), interpolation=cv2.INTER_LINEAR)
+        out += up - up.mean()
+    return out
+
+
+def overlay(rgb: np.ndarray, logit_map: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The photo with the map on top: red where the map says dog, blue where it says cat, the
+    colour's strength in proportion to |logit| (scale: the map's largest |logit|)."""
+    scale = max(float(np.abs(logit_map).max()), 1e-6)
+    t = np.clip(logit_map / scale, -1, 1)[..., None]
+    red, blue = np.array([220.0, 40, 30]), np.array([30.0, 90, 230])
+    colour = np.where(t > 0, red, blue)
+    strength = alpha * np.abs(t)
+    return (rgb * (1 - strength) + colour * strength).clip(0, 255).astype(np.uint8)
