@@ -759,6 +759,86 @@ def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[
     os.replace(tmp, path)
 
 
+# ==================== features/shards.py ====================
+# Shards: a deterministic 1/N of an extraction, in a file of its own, for any scheduler to run.
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), with 0 <= I < N."""
+    m = _SHARD.match(text)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--shard takes I/N with 0 <= I < N (e.g. 0/3, 1/3, 2/3); got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_path(cache_dir: str | Path, backbone_name: str, shard: tuple[int, int]) -> Path:
+    base = cache_path(cache_dir, backbone_name)
+    return base.with_name(f"{base.stem}.shard-{shard[0]}-of-{shard[1]}.h5")
+
+
+def shard_files(cache_dir: str | Path, backbone_name: str) -> list[Path]:
+    base = cache_path(cache_dir, backbone_name)
+    return sorted(base.parent.glob(f"{base.stem}.shard-*-of-*.h5"))
+
+
+def owner(global_index: int, n_shards: int) -> int:
+    """The shard that extracts the chunk with this global index (train chunks first, then test)."""
+    return global_index % n_shards
+
+
+def write_shard(path: Path, journal, tasks: list, labels: dict[str, int], attrs: dict) -> None:
+    """Copy this shard's journalled chunks (``tasks``: (split, index, photos)) into one file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    str_dt = h5py.string_dtype()
+    with h5py.File(tmp, "w") as f:
+        for split, index, _ in tasks:
+            chunk = journal.load(split, index)
+            group = f.create_group(f"{split}/{index:06d}")
+            group.create_dataset("ids", data=chunk["ids"].astype(object), dtype=str_dt)
+            group.create_dataset("features", data=chunk["features"])
+            group.create_dataset("ok", data=chunk["ok"])
+            group.create_dataset("reasons", data=chunk["reasons"].astype(object), dtype=str_dt)
+            if split == "train":
+                group.create_dataset("label", data=np.array([labels[i] for i in chunk["ids"]], np.uint8))
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value)
+    os.replace(tmp, path)
+
+
+class ShardFile:
+    """One shard file, read the way ``assemble`` reads a journal."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            self.attrs = _decode_attrs(f)
+            self.chunks = {split: sorted(int(k) for k in f.get(split, {}).keys())
+                           for split in ("train", "test")}
+        if "shard" not in self.attrs:
+            raise ValueError(f"{self.path}: not a shard file (no 'shard' attribute)")
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return tuple(self.attrs["shard"])
+
+    def load(self, split: str, index: int) -> dict:
+        with h5py.File(self.path, "r") as f:
+            g = f[f"{split}/{index:06d}"]
+            out = {k: g[k][()] for k in g.keys()}
+        for key in ("ids", "reasons"):
+            out[key] = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in out[key]])
+        return out
+
+    def labels(self) -> dict[str, int]:
+        out = {}
+        for index in self.chunks["train"]:
+            chunk = self.load("train", index)
+            out.update(zip(chunk["ids"].tolist(), chunk["label"].tolist()))
+        return out
+
+
 # ==================== features/runtime.py ====================
 # Where the forward pass runs: ONNX Runtime on CPU when it is available and agrees with Keras,
 
@@ -871,6 +951,7 @@ def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = 
 # Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
 DEFAULT_BATCH = {"onnxruntime": 16, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
+ENGINES = ("local", "ray")
 
 
 def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_decode: bool,
@@ -937,23 +1018,35 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
 
 
+def plan_chunks(photos: PhotoSet, chunk_size: int) -> list[tuple[str, int, list[Photo]]]:
+    """(split, index, photos) for every journalled chunk: train chunks, then test chunks."""
+    return [(split, k, chunk) for split in ("train", "test")
+            for k, chunk in enumerate(_chunks(getattr(photos, split), chunk_size))]
+
+
 def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None, workers: int = WORKERS,
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
-            tta: bool = False, progress: bool = True, runtime: str = "auto") -> Path:
+            tta: bool = False, progress: bool = True, runtime: str = "auto",
+            shard: tuple[int, int] | None = None, engine: str = "local",
+            ray_address: str | None = None) -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
     ``StaleCacheError`` unless ``overwrite``. An interrupted run resumes from its journal.
     ``runtime`` picks the forward pass ("auto": ONNX Runtime when it matches Keras, see
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
+    ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
+    ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
-    path = cache_path(cache_dir, backbone.name)
+    path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
     if path.exists():
         try:
             check_fresh(path, recipe)
@@ -965,23 +1058,33 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             log.warning("%s: stale, recomputing (--overwrite)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
-    splits = {"train": _chunks(photos.train, chunk_size), "test": _chunks(photos.test, chunk_size)}
-    pending = [(split, k, chunk) for split, chunks in splits.items()
-               for k, chunk in enumerate(chunks) if not journal.has(split, k)]
-    done = sum(len(c) for s, chunks in splits.items() for k, c in enumerate(chunks)
-               if journal.has(s, k))
+    tasks = plan_chunks(photos, chunk_size)
+    if shard is not None:
+        tasks = [t for g, t in enumerate(tasks) if owner(g, shard[1]) == shard[0]]
+    pending = [t for t in tasks if not journal.has(t[0], t[1])]
+    done = sum(len(t[2]) for t in tasks) - sum(len(t[2]) for t in pending)
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     used = "none (all chunks journalled)"
     if pending:
-        used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                    progress, runtime)
+        if engine == "ray":
+
+            used = run_ray(pending, journal, backbone, resolved, batch_size, fast_decode, tta,
+                           progress, runtime, ray_address)
+        else:
+            used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
+                        progress, runtime)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
                  keras_version=_keras_version(), backend=_backend(), runtime=used,
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    assemble(path, journal, {s: len(c) for s, c in splits.items()},
-             {p.id: p.label for p in photos.train}, backbone.feature_dim, attrs)
+    labels = {p.id: p.label for p in photos.train}
+    chunks = {s: -(-len(getattr(photos, s)) // chunk_size) for s in ("train", "test")}
+    if shard is None:
+        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs)
+    else:
+        write_shard(path, journal, tasks, labels,
+                    dict(attrs, shard=list(shard), chunk_size=chunk_size, chunks=chunks, engine=engine))
     journal.remove()
     return path
 

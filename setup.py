@@ -34,5 +34,8 @@ setup(
         "flask",  # the web page (stacking.serve), as in the first write-up
         "waitress",  # production WSGI server for it, pure Python (Flask's own is for development)
     ],
-    extras_require={"test": ["pytest", "selenium", "requests"]},
+    extras_require={
+        "test": ["pytest", "selenium", "requests", "ray[data]"],
+        "ray": ["ray[data]"],  # --engine ray: sharded extraction on a Ray cluster
+    },
 )

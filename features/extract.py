@@ -1,7 +1,7 @@
 """Streaming GAP feature extraction into the HDF5 cache.
 
     python -m features.extract --data DIR [DIR ...] --backbone NAME [--weights PATH]
-                               [--cache DIR] [--batch-size N]
+                               [--cache DIR] [--batch-size N] [--shard I/N] [--engine ray]
 
 Photos are read, decoded and resized by a small thread pool a few batches ahead of the forward
 pass, so decoding overlaps the network and memory holds only those batches, whatever the number
@@ -32,12 +32,14 @@ from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
 from features.runtime import RUNTIMES, make_forward
+from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
 
 # Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
 DEFAULT_BATCH = {"onnxruntime": 16, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
+ENGINES = ("local", "ray")
 
 
 def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_decode: bool,
@@ -104,23 +106,35 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
 
 
+def plan_chunks(photos: PhotoSet, chunk_size: int) -> list[tuple[str, int, list[Photo]]]:
+    """(split, index, photos) for every journalled chunk: train chunks, then test chunks."""
+    return [(split, k, chunk) for split in ("train", "test")
+            for k, chunk in enumerate(_chunks(getattr(photos, split), chunk_size))]
+
+
 def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None, workers: int = WORKERS,
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
-            tta: bool = False, progress: bool = True, runtime: str = "auto") -> Path:
+            tta: bool = False, progress: bool = True, runtime: str = "auto",
+            shard: tuple[int, int] | None = None, engine: str = "local",
+            ray_address: str | None = None) -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
     ``StaleCacheError`` unless ``overwrite``. An interrupted run resumes from its journal.
     ``runtime`` picks the forward pass ("auto": ONNX Runtime when it matches Keras, see
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
+    ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
+    ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
-    path = cache_path(cache_dir, backbone.name)
+    path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
     if path.exists():
         try:
             check_fresh(path, recipe)
@@ -132,23 +146,34 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             log.warning("%s: stale, recomputing (--overwrite)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
-    splits = {"train": _chunks(photos.train, chunk_size), "test": _chunks(photos.test, chunk_size)}
-    pending = [(split, k, chunk) for split, chunks in splits.items()
-               for k, chunk in enumerate(chunks) if not journal.has(split, k)]
-    done = sum(len(c) for s, chunks in splits.items() for k, c in enumerate(chunks)
-               if journal.has(s, k))
+    tasks = plan_chunks(photos, chunk_size)
+    if shard is not None:
+        tasks = [t for g, t in enumerate(tasks) if owner(g, shard[1]) == shard[0]]
+    pending = [t for t in tasks if not journal.has(t[0], t[1])]
+    done = sum(len(t[2]) for t in tasks) - sum(len(t[2]) for t in pending)
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     used = "none (all chunks journalled)"
     if pending:
-        used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                    progress, runtime)
+        if engine == "ray":
+            from features.ray_engine import run_ray
+
+            used = run_ray(pending, journal, backbone, resolved, batch_size, fast_decode, tta,
+                           progress, runtime, ray_address)
+        else:
+            used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
+                        progress, runtime)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
                  keras_version=_keras_version(), backend=_backend(), runtime=used,
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    assemble(path, journal, {s: len(c) for s, c in splits.items()},
-             {p.id: p.label for p in photos.train}, backbone.feature_dim, attrs)
+    labels = {p.id: p.label for p in photos.train}
+    chunks = {s: -(-len(getattr(photos, s)) // chunk_size) for s in ("train", "test")}
+    if shard is None:
+        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs)
+    else:
+        write_shard(path, journal, tasks, labels,
+                    dict(attrs, shard=list(shard), chunk_size=chunk_size, chunks=chunks, engine=engine))
     journal.remove()
     return path
 
@@ -269,14 +294,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode large JPEGs at reduced size (faster, features differ slightly)")
     parser.add_argument("--overwrite", action="store_true", help="recompute a stale cache")
     parser.add_argument("--no-test", action="store_true", help="allow data with no test split")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="extract only shard I of N into its own file (join with python -m features.merge)")
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local: threads in this process; ray: a Ray Data pipeline (pip install gapstack[ray])")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (default: start a local Ray instance)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        shard = parse_shard(args.shard) if args.shard else None
         photos = load_photos(args.data or default_data_dirs(), require_test=not args.no_test)
         weights = None if args.weights == "none" else args.weights
         path = extract(photos, args.backbone, weights, args.cache, args.batch_size, args.workers,
                        args.overwrite, args.chunk_size, args.fast_decode, args.tta,
-                       runtime=args.runtime)
+                       runtime=args.runtime, shard=shard, engine=args.engine,
+                       ray_address=args.ray_address)
     except (ValueError, KeyError, FileNotFoundError, StaleCacheError, RuntimeError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2

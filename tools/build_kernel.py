@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 OURS = ("features", "oof", "stacking")
 MODULES = [
     "features/defaults.py", "features/registry.py", "features/models.py", "features/images.py",
-    "features/data.py", "features/cache.py", "features/runtime.py", "features/extract.py",
+    "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py",
+    "features/extract.py",
     "oof/folds.py", "oof/heads.py", "oof/crossfit.py", "oof/store.py",
     "stacking/submission.py", "stacking/stackers.py", "stacking/ensemble.py", "stacking/report.py",
     "stacking/run.py", "stacking/kaggle.py",
