@@ -12,6 +12,7 @@ A photo that cannot be read is reported and recorded, and the run goes on.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -155,9 +156,8 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         log.info("%s: resuming, %d photos already extracted", path, done)
     used = "none (all chunks journalled)"
     if pending:
-        if engine == "ray":
-            from features.ray_engine import run_ray
-
+        if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
+            run_ray = importlib.import_module("features.ray_engine").run_ray
             used = run_ray(pending, journal, backbone, resolved, batch_size, fast_decode, tta,
                            progress, runtime, ray_address)
         else:
