@@ -35,7 +35,10 @@ setup(
         "waitress",  # production WSGI server for it, pure Python (Flask's own is for development)
     ],
     extras_require={
-        "test": ["pytest", "selenium", "requests", "ray[data]"],
+        "test": ["pytest", "selenium", "requests", "ray[data]", "ai-edge-litert", "coremltools",
+                 "onnxconverter-common"],
         "ray": ["ray[data]"],  # --engine ray: sharded extraction on a Ray cluster
+        # stacking.export: LiteRT runs .tflite here; Core ML conversion; ONNX float16
+        "export": ["ai-edge-litert", "coremltools", "onnxconverter-common"],
     },
 )
