@@ -869,12 +869,8 @@ class OnnxForward:
 
     def __init__(self, model, threads: int | None = None):
         import onnxruntime as ort
-        import tensorflow as tf
-        import tf2onnx
 
-        spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="pixels"),)
-        fn = tf.function(lambda x: model(x, training=False))
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+        proto = to_onnx(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
@@ -884,6 +880,20 @@ class OnnxForward:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(pixels, np.float32)})[0]
+
+
+def to_onnx(model, output_name: str | None = None):
+    """The Keras model (TensorFlow backend) as an ONNX ModelProto with input "pixels" (any batch)."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="pixels"),)
+    if output_name:
+        fn = tf.function(lambda pixels: {output_name: model(pixels, training=False)})
+    else:
+        fn = tf.function(lambda pixels: model(pixels, training=False))
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    return proto
 
 
 def has_gpu() -> bool:

@@ -1,0 +1,178 @@
+"""Where extraction time goes, per backbone, in one run: the write-ups' way, ours end to end, the
+forward pass alone per inference runtime, decoding alone per core, and the arithmetic limit.
+
+    python benchmarks/pipeline.py [--backbones efficientnet_lite0 efficientnet_lite2] [--photos 2603]
+
+Each end-to-end measurement runs in its own process (``benchmarks/extract.py``'s children).
+Forward-only rates use real decoded photos already in memory. The bound for end to end on this
+machine: forward and decoding share the same cores, so at best
+``1 / (1/forward_rate + 1/(cores * decode_rate_per_core))``. Prints Markdown for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from extract import _child, _subset  # noqa: E402  (benchmarks/extract.py)
+
+
+def cpu_facts() -> dict:
+    info = open("/proc/cpuinfo").read()
+    flags = next(l for l in info.splitlines() if l.startswith("flags")).split()
+    mhz = max(float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz"))
+    model = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+    return {"model": model, "ghz": mhz / 1000, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
+            "amx": "amx_tile" in flags}
+
+
+def peak_gflops(cpu: dict, lanes: int) -> float:
+    """fp32 peak: cores x GHz x 2 FMA units x lanes x 2 flops (lanes 8 for AVX2, 16 for AVX-512)."""
+    return cpu["cores"] * cpu["ghz"] * 2 * lanes * 2
+
+
+def model_gflops(model) -> float:
+    """FLOPs of one photo through the model (multiply-add = 2), from TensorFlow's profiler."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec((1, *model.input_shape[1:]), tf.float32)
+    frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x)).get_concrete_function(spec))
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    prof = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
+    return prof.total_float_ops / 1e9
+
+
+def decoded(photos, size, n: int) -> np.ndarray:
+    from features.data import PhotoReader
+    from features.images import load_for_backbone
+
+    reader = PhotoReader()
+    return np.stack([load_for_backbone(reader.read(p), p.name, size).astype(np.float32) for p in photos[:n]])
+
+
+def decode_rate(photos, size, fast: bool) -> float:
+    """Photos per second on one core: read bytes (page cache), decode, resize."""
+    from features.data import PhotoReader
+    from features.images import load_for_backbone
+
+    reader = PhotoReader()
+    blobs = [(reader.read(p), p.name) for p in photos]
+    start = time.perf_counter()
+    for data, name in blobs:
+        load_for_backbone(data, name, size, "area", fast)
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def forward_rate(run, pixels: np.ndarray, batch: int, seconds: float = 4.0) -> float:
+    x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+    run(x)
+    run(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run(x)
+        n += batch
+    return n / (time.perf_counter() - start)
+
+
+def runtimes(model):
+    """(name, callable) for each CPU runtime that can run here, and its max relative difference
+    from Keras on the same pixels (filled in by the caller)."""
+    import tensorflow as tf
+
+    from features.runtime import KerasForward, OnnxForward
+
+    out = [("Keras (TensorFlow graph)", KerasForward(model))]
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    out.append(("TensorFlow XLA jit_compile", lambda x: xla(x).numpy()))
+    out.append(("ONNX Runtime (tf2onnx)", OnnxForward(model)))
+    try:
+        import openvino as ov
+
+        from features.runtime import to_onnx
+
+        core = ov.Core()
+        ov_model = core.read_model(to_onnx(model).SerializeToString())
+        for hint, label in (({}, "OpenVINO default"), ({"INFERENCE_PRECISION_HINT": "f32"}, "OpenVINO f32")):
+            compiled = core.compile_model(ov_model, "CPU", hint)
+            out.append((label, lambda x, c=compiled: c(x)[0]))
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
+    parser.add_argument("--photos", type=int, default=2603, help="photos for the end-to-end runs")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32])
+    args = parser.parse_args()
+    from features.data import load_photos
+    from features.defaults import shared_dir
+    from features.models import build_gap_model
+    from features.registry import get_backbone
+    from features.runtime import max_relative_difference
+
+    cpu = cpu_facts()
+    print(f"machine: {cpu['model']}, {cpu['cores']} cores at {cpu['ghz']:.2f} GHz, AVX-512 "
+          f"{cpu['avx512']}, AMX {cpu['amx']}; {time.strftime('%Y-%m-%d')}; {args.photos} photos "
+          "(shared originals and 200 px, interleaved)\n")
+    originals = load_photos(shared_dir() / "dogs-vs-cats").train[:400]
+    small = load_photos(shared_dir() / "dogs-vs-cats-200px", require_test=False).train[:400]
+    for name in args.backbones:
+        backbone = get_backbone(name)
+        size = backbone.input_size
+        model = build_gap_model(backbone)
+        print(f"### {name} ({size[0]} px)\n")
+        a, b = _child("writeups", name, args.photos), _child("ours", name, args.photos)
+        writeups, ours = a["images"] / a["seconds"], b["images"] / b["seconds"]
+        pixels = decoded(originals, size, 64)
+        reference = np.asarray(model.predict_on_batch(pixels[:16]))
+        print("| forward pass alone (photos in memory) | " + " | ".join(f"batch {k}" for k in args.batches)
+              + " | max rel diff vs Keras |")
+        print("| --- | " + " | ".join("---" for _ in args.batches) + " | --- |")
+        best = 0.0
+        for label, run in runtimes(model):
+            diff = max_relative_difference(np.asarray(run(pixels[:16])), reference)
+            rates = [forward_rate(run, pixels, k, 2.0 if "XLA" in label else 4.0) for k in args.batches]
+            if diff <= 1e-4:
+                best = max(best, *rates)
+            print(f"| {label} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {diff:.1e} |", flush=True)
+        dec = {(kind, fast): decode_rate(photos, size, fast)
+               for kind, photos in (("originals", originals), ("200 px", small)) for fast in (False, True)}
+        mix = 2 / (1 / dec[("originals", False)] + 1 / dec[("200 px", False)])
+        bound = 1 / (1 / best + 1 / (cpu["cores"] * mix))
+        gflops = model_gflops(model)
+        print()
+        print("| decode + resize, one core | full decode | reduced-size JPEG decode |")
+        print("| --- | --- | --- |")
+        for kind in ("originals", "200 px"):
+            print(f"| {kind} | {dec[(kind, False)]:.0f} img/s | {dec[(kind, True)]:.0f} img/s |")
+        print()
+        print("| measure | img/s | note |")
+        print("| --- | --- | --- |")
+        print(f"| write-ups' way (cv2 into one array, model.predict) | {writeups:.1f} | peak {a['peak_rss_mb']:.0f} MB |")
+        print(f"| ours end to end | {ours:.1f} | {ours / writeups:.2f}x the write-ups'; peak {b['peak_rss_mb']:.0f} MB |")
+        print(f"| best forward alone within 1e-4 of Keras | {best:.1f} | ours end to end = {ours / best:.0%} of it |")
+        print(f"| bound: forward + decoding sharing {cpu['cores']} cores | {bound:.1f} | ours = {ours / bound:.0%} of it; "
+              f"decoding alone {cpu['cores'] * mix:.0f} img/s on this mix |")
+        for lanes, isa in ((8, "AVX2 + FMA"), (16, "AVX-512")):
+            peak = peak_gflops(cpu, lanes)
+            print(f"| arithmetic limit, {isa} ({peak:.0f} GFLOP/s peak, {gflops:.2f} GFLOP/photo) | "
+                  f"{peak / gflops:.0f} | best forward = {best * gflops / peak:.1%} of peak |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
