@@ -38,7 +38,7 @@ from features.shards import owner, parse_shard, shard_path, write_shard
 log = logging.getLogger("gapstack")
 
 # Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
-DEFAULT_BATCH = {"onnxruntime": 16, "keras": 32}
+DEFAULT_BATCH = {"onnxruntime": 8, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
 ENGINES = ("local", "ray")
 
