@@ -62,6 +62,10 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
 
+# Converted ONNX graphs, keyed by model and converter versions (per user, shared by every run).
+ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
+                                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack" / "onnx"))
+
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2
 
@@ -845,6 +849,7 @@ class ShardFile:
 log = logging.getLogger("gapstack")
 
 RUNTIMES = ("auto", "onnx", "keras")
+OPSET = 17
 # Largest absolute difference allowed between ONNX Runtime and Keras features, relative to the
 # largest feature value of the check batch.
 TOLERANCE = 1e-4
@@ -867,18 +872,24 @@ class OnnxForward:
 
     name = "onnxruntime"
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, cache: Path | None = None):
+        """``cache``: folder of converted graphs (default ``ONNX_CACHE``)."""
         import onnxruntime as ort
 
-        proto = to_onnx(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
         # ONNX Runtime's threads spin between calls by default, taking the cores our decoding
         # threads need: off, end to end went from 174 to 191 img/s (forward alone: -1 %).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(proto.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        path = onnx_cache_path(model, cache)
+        try:
+            self.session = ort.InferenceSession(cached_onnx(model, path), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
+            path.unlink(missing_ok=True)
+            self.session = ort.InferenceSession(cached_onnx(model, path), options,
+                                                providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -895,8 +906,49 @@ def to_onnx(model, output_name: str | None = None):
         fn = tf.function(lambda pixels: {output_name: model(pixels, training=False)})
     else:
         fn = tf.function(lambda pixels: model(pixels, training=False))
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
     return proto
+
+
+def model_key(model) -> str:
+    """Changes whenever the graph, the weights or the converter would: md5 of the model's config,
+    every weight's bytes, the input shape and the versions of TensorFlow, Keras, tf2onnx and onnx."""
+    import keras
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    digest = hashlib.md5()
+    for part in (tf.__version__, keras.__version__, tf2onnx.__version__, onnx.__version__, str(OPSET),
+                 str(model.input_shape), model.to_json()):
+        digest.update(part.encode())
+    for w in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return digest.hexdigest()
+
+
+def onnx_cache_path(model, folder: Path | None = None) -> Path:
+    safe = re.sub(r"[^\w.-]", "_", model.name)
+    return Path(folder or ONNX_CACHE) / f"{safe}-{model_key(model)}.onnx"
+
+
+def cached_onnx(model, path: Path) -> bytes:
+    """The model's ONNX bytes, converted once per machine: tf2onnx takes 4-6 s a backbone, as long
+    as extracting a thousand photos. An unwritable cache only costs a new conversion each time."""
+    folder = path.parent
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    data = to_onnx(model).SerializeToString()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("could not keep the converted graph in %s (%s)", folder, exc)
+    return data
 
 
 def has_gpu() -> bool:

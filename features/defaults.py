@@ -14,6 +14,10 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
 
+# Converted ONNX graphs, keyed by model and converter versions (per user, shared by every run).
+ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
+                                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack" / "onnx"))
+
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2
 
