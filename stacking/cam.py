@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 
 from features.data import Photo
-from features.extract import Extractor
+from features.extract import Extractor, load_batch
+from features.images import ImageError
 from features.models import build_feature_map_model
 from features.registry import Backbone
 from oof.crossfit import CrossFit
@@ -138,14 +139,10 @@ class CamExplainer:
     def feature_maps(self, photo: Photo, reader=None) -> dict[str, np.ndarray]:
         """Each backbone's last feature map (h, w, C) for one photo (flip TTA: both views averaged,
         the mirrored one flipped back, so its spatial mean is the TTA feature vector)."""
-        from features.extract import load_batch
-
         out = {}
         for name, ex in self.extractors.items():
             pixels, reasons = load_batch(reader or ex.reader, [photo], ex.backbone, ex.fast_decode)
             if reasons[0]:
-                from features.images import ImageError
-
                 raise ImageError(photo.name, reasons[0])
             fmap = ex.run(pixels)[0]
             if self.tta[name]:
