@@ -1123,9 +1123,9 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             log.warning("%s: stale, recomputing (--overwrite)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
-    tasks = plan_chunks(photos, chunk_size)
-    if shard is not None:
-        tasks = [t for g, t in enumerate(tasks) if owner(g, shard[1]) == shard[0]]
+    every = plan_chunks(photos, chunk_size)
+    chunks = {s: sum(1 for t in every if t[0] == s) for s in ("train", "test")}
+    tasks = every if shard is None else [t for g, t in enumerate(every) if owner(g, shard[1]) == shard[0]]
     pending = [t for t in tasks if not journal.has(t[0], t[1])]
     done = sum(len(t[2]) for t in tasks) - sum(len(t[2]) for t in pending)
     if done:
@@ -1144,7 +1144,6 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     labels = {p.id: p.label for p in photos.train}
-    chunks = {s: -(-len(getattr(photos, s)) // chunk_size) for s in ("train", "test")}
     if shard is None:
         assemble(path, journal, chunks, labels, backbone.feature_dim, attrs)
     else:

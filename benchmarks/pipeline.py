@@ -54,14 +54,6 @@ def model_gflops(model) -> float:
     return prof.total_float_ops / 1e9
 
 
-def decoded(photos, size, n: int) -> np.ndarray:
-    from features.data import PhotoReader
-    from features.images import load_for_backbone
-
-    reader = PhotoReader()
-    return np.stack([load_for_backbone(reader.read(p), p.name, size).astype(np.float32) for p in photos[:n]])
-
-
 def decode_rate(photos, size, fast: bool) -> float:
     """Photos per second on one core: read bytes (page cache), decode, resize."""
     from features.data import PhotoReader
@@ -123,6 +115,7 @@ def main() -> None:
     from features.models import build_gap_model
     from features.registry import get_backbone
     from features.runtime import max_relative_difference
+    from stacking.export import pixels_of
 
     cpu = cpu_facts()
     print(f"machine: {cpu['model']}, {cpu['cores']} cores at {cpu['ghz']:.2f} GHz, AVX-512 "
@@ -141,7 +134,7 @@ def main() -> None:
         print(f"### {name} ({size[0]} px)\n")
         a, b = ends[name]
         writeups, ours = a["images"] / a["seconds"], b["images"] / b["seconds"]
-        pixels = decoded(originals, size, 64)
+        pixels = pixels_of(originals[:64], size, backbone.resize)
         reference = np.asarray(model.predict_on_batch(pixels[:16]))
         print("| forward pass alone (photos in memory) | " + " | ".join(f"batch {k}" for k in args.batches)
               + " | max rel diff vs Keras |")

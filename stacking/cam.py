@@ -42,19 +42,23 @@ def _softplus(x):
     return np.logaddexp(0.0, x)
 
 
-def logit_of_mean_sigmoid(z: np.ndarray) -> float:
-    """logit(mean_k sigmoid(z_k)), stable for any z (a CrossFit averages fold probabilities)."""
-    z = np.asarray(z, dtype=np.float64)
+def _log_mean_sigmoids(z: np.ndarray) -> tuple[float, float]:
+    """(log p, log(1 - p)) for p = mean_k sigmoid(z_k), without overflow."""
     log_p = np.logaddexp.reduce(-_softplus(-z)) - np.log(len(z))
     log_q = np.logaddexp.reduce(-_softplus(z)) - np.log(len(z))
+    return log_p, log_q
+
+
+def logit_of_mean_sigmoid(z: np.ndarray) -> float:
+    """logit(mean_k sigmoid(z_k)), stable for any z (a CrossFit averages fold probabilities)."""
+    log_p, log_q = _log_mean_sigmoids(np.asarray(z, dtype=np.float64))
     return float(log_p - log_q)
 
 
 def fold_shares(z: np.ndarray) -> np.ndarray:
     """g_k = d logit(mean sigmoid(z)) / d z_k, computed in log space."""
     z = np.asarray(z, dtype=np.float64)
-    log_p = np.logaddexp.reduce(-_softplus(-z)) - np.log(len(z))
-    log_q = np.logaddexp.reduce(-_softplus(z)) - np.log(len(z))
+    log_p, log_q = _log_mean_sigmoids(z)
     log_dsig = -_softplus(z) - _softplus(-z)
     return np.exp(log_dsig - np.log(len(z)) - log_p - log_q)
 

@@ -112,6 +112,8 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
     entries = {b["name"]: b for b in ensemble.backbones if b["name"] in backbones}
     sizes = {n: tuple(e["entry"]["input_size"]) for n, e in entries.items()}
     height, width = max(sizes.values())
+    # The photo is resized as the largest backbone's entry says (the pipeline's rule for it).
+    method = next(e["entry"].get("resize", "area") for n, e in entries.items() if sizes[n] == (height, width))
     pixels = keras.Input((height, width, 3), dtype="float32", name="pixels")
     feats = {}
     for name, b in entries.items():
@@ -140,8 +142,9 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
         "model": use, "backbones": list(entries), "clip": ensemble.clip,
         "input": {"name": "pixels", "shape": [None, height, width, 3], "dtype": "float32",
                   "layout": "NHWC", "channel_order": "RGB", "value_range": [0, 255],
-                  "resize": f"stretch the whole photo to {height}x{width} (no crop), area interpolation "
-                            "(cv2.INTER_AREA; bilinear when enlarging)",
+                  "resize": f"stretch the whole photo to {height}x{width} (no crop), {method} "
+                            "interpolation (OpenCV; area falls back to bilinear when enlarging)",
+                  "resize_method": method,
                   "preprocessing": "inside the graph: feed raw pixels"},
         "output": {"name": "p_dog", "shape": [None, 1], "dtype": "float32",
                    "meaning": "P(dog): probability that the photo shows a dog"},
@@ -160,10 +163,11 @@ def sample_photos(data_dirs=None, n: int = CALIBRATION_PHOTOS, offset: int = 0) 
     return photos[offset::step][:n]
 
 
-def pixels_of(photos: list[Photo], size: tuple[int, int]) -> np.ndarray:
+def pixels_of(photos: list[Photo], size: tuple[int, int], method: str = "area") -> np.ndarray:
     """Photos decoded and resized as the pipeline does it, float32 0..255."""
     reader = PhotoReader()
-    return np.stack([load_for_backbone(reader.read(p), p.name, size).astype(np.float32) for p in photos])
+    return np.stack([load_for_backbone(reader.read(p), p.name, size, method).astype(np.float32)
+                     for p in photos])
 
 
 def _frozen_function(model, output_name: str = "p_dog"):
@@ -305,8 +309,8 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, use: str | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     ensemble = Ensemble.load(model_dir)
     model, info = photo_model(ensemble, use, backbones, weights)
-    size = tuple(info["input"]["shape"][1:3])
-    calibration = pixels_of(sample_photos(data_dirs), size) if quantize == "int8" else None
+    size, method = tuple(info["input"]["shape"][1:3]), info["input"]["resize_method"]
+    calibration = pixels_of(sample_photos(data_dirs), size, method) if quantize == "int8" else None
     started = time.perf_counter()
     if fmt == "tflite":
         out.write_bytes(to_tflite(model, quantize, calibration))
@@ -339,7 +343,7 @@ def parity(path: Path, model_dir, info: dict, data_dirs, n: int, weights=None) -
                              if predictor.ensemble.backbone_of(h) in info["backbones"]], axis=0)
     reference = clip(reference, predictor.ensemble.clip)
     runner = Runner(path)
-    pixels = pixels_of(photos, tuple(info["input"]["shape"][1:3]))
+    pixels = pixels_of(photos, tuple(info["input"]["shape"][1:3]), info["input"]["resize_method"])
     got = runner(pixels)
     ok = ~np.isnan(reference)
     runner(pixels[:2])  # warm-up
