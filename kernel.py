@@ -347,6 +347,11 @@ def build_gap_model(backbone: Backbone, weights: str | Path | None = "default"):
 # ==================== features/images.py ====================
 # Decode photo bytes into RGB arrays and resize them for a backbone.
 
+try:  # optional: a Kaggle image may not have it, and Pillow gives the same pixels
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 # Kaggle photos are at most 500 px a side; a web upload may be anything. Refuse decompression
 # bombs well before they exhaust memory.
 MAX_PIXELS = 50_000_000
@@ -373,6 +378,10 @@ def decode_rgb(data: bytes, name: str, draft_size: tuple[int, int] | None = None
     """
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
+    if draft_size is None:
+        fast = _decode_plain_jpeg(data, name)
+        if fast is not None:
+            return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF; the pixels are still fine
@@ -394,6 +403,25 @@ def decode_rgb(data: bytes, name: str, draft_size: tuple[int, int] | None = None
         if "truncated" in reason:
             reason = f"truncated file ({reason})"
         raise ImageError(name, f"corrupt or unreadable image: {reason}") from None
+
+
+def _decode_plain_jpeg(data: bytes, name: str) -> np.ndarray | None:
+    """simplejpeg's decode of a JPEG that Pillow would decode to the same pixels, else None:
+    YCbCr or grey (not CMYK/YCCK), no EXIF block (orientation is Pillow's job), and no warning
+    from libjpeg (strict: truncated or corrupt data falls through to Pillow's verdict)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data[:65536]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray"):
+            return None
+        if width * height > MAX_PIXELS:
+            raise ImageError(name, f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
+        return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+    except ValueError as exc:
+        if isinstance(exc, ImageError):
+            raise
+        return None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Decode photo bytes into RGB arrays and resize them for a backbone.
 
-Pillow decodes (it tells a truncated JPEG from a whole one, reads CMYK, palette and 16-bit
-files, and can decode JPEGs at reduced size); OpenCV resizes (fast, releases the GIL).
+Plain JPEGs (YCbCr or grey, no EXIF) go to simplejpeg when it is installed: the same
+libjpeg-turbo pixels as Pillow, bit for bit, in half the time, without holding the GIL.
+Everything else, and any JPEG simplejpeg rejects, goes to Pillow (it tells a truncated JPEG from
+a whole one, reads CMYK, palette and 16-bit files, applies EXIF orientation, decodes JPEGs at
+reduced size) and gets Pillow's error. OpenCV resizes (fast, releases the GIL).
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import warnings
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # optional: a Kaggle image may not have it, and Pillow gives the same pixels
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 # Kaggle photos are at most 500 px a side; a web upload may be anything. Refuse decompression
 # bombs well before they exhaust memory.
@@ -39,6 +47,10 @@ def decode_rgb(data: bytes, name: str, draft_size: tuple[int, int] | None = None
     """
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
+    if draft_size is None:
+        fast = _decode_plain_jpeg(data, name)
+        if fast is not None:
+            return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF; the pixels are still fine
@@ -60,6 +72,25 @@ def decode_rgb(data: bytes, name: str, draft_size: tuple[int, int] | None = None
         if "truncated" in reason:
             reason = f"truncated file ({reason})"
         raise ImageError(name, f"corrupt or unreadable image: {reason}") from None
+
+
+def _decode_plain_jpeg(data: bytes, name: str) -> np.ndarray | None:
+    """simplejpeg's decode of a JPEG that Pillow would decode to the same pixels, else None:
+    YCbCr or grey (not CMYK/YCCK), no EXIF block (orientation is Pillow's job), and no warning
+    from libjpeg (strict: truncated or corrupt data falls through to Pillow's verdict)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"Exif\x00\x00" in data[:65536]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray"):
+            return None
+        if width * height > MAX_PIXELS:
+            raise ImageError(name, f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
+        return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+    except ValueError as exc:
+        if isinstance(exc, ImageError):
+            raise
+        return None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import features.images
 from features.images import ImageError, decode_rgb, load_for_backbone, resize
-from tests.conftest import PHOTOS
+from tests.conftest import PHOTOS, PHOTOS_200
 
 PHOTO = PHOTOS / "train" / "dog.3.jpg"
 
@@ -81,3 +82,38 @@ def test_fast_decode_stays_close(rgb):
     fast = load_for_backbone(PHOTO.read_bytes(), "x", (224, 224), fast_decode=True).astype(float)
     assert fast.shape == full.shape
     assert np.abs(fast - full).mean() < 4
+
+
+def _pillow_only(data: bytes, name: str, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(features.images, "simplejpeg", None)
+        return decode_rgb(data, name)
+
+
+def test_fast_jpeg_path_gives_pillows_pixels(monkeypatch):
+    """The speed path must not change a single pixel: every photo decodes identically with and
+    without simplejpeg (originals, 200 px set, test photos, a grey JPEG)."""
+    pytest.importorskip("simplejpeg")
+    files = (sorted((PHOTOS / "train").glob("*.jpg"))[::40] + sorted((PHOTOS / "test").glob("*.jpg"))[::50]
+             + sorted((PHOTOS_200 / "train").glob("*.jpg"))[::200])
+    grey = _encode(Image.open(PHOTO).convert("L"), "JPEG", quality=90)
+    blobs = [(f.name, f.read_bytes()) for f in files] + [("grey.jpg", grey)]
+    assert features.images._decode_plain_jpeg(blobs[0][1], blobs[0][0]) is not None  # the path is taken
+    for name, data in blobs:
+        fast, slow = decode_rgb(data, name), _pillow_only(data, name, monkeypatch)
+        assert fast.shape == slow.shape and np.array_equal(fast, slow), name
+
+
+def test_exif_orientation_is_honoured(rgb, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes())
+    out = decode_rgb(data, "rotated.jpg")
+    assert out.shape == (rgb.shape[1], rgb.shape[0], 3)
+    assert np.array_equal(out, _pillow_only(data, "rotated.jpg", monkeypatch))
+
+
+def test_too_large_jpeg_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(features.images, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageError, match="too large"):
+        decode_rgb(_JPEG, "big.jpg")
