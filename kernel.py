@@ -27,6 +27,7 @@ import logging
 import numpy as np
 import os
 import pandas as pd
+import queue
 import re
 import shutil
 import sys
@@ -68,6 +69,12 @@ ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
 
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2
+
+# Concurrent forward passes for bulk extraction on a CPU, each on its own share of the cores:
+# one per core up to 4 (each holds a copy of the weights). On 2 cores, two single-threaded
+# sessions at batch 2 beat one two-threaded session: no barrier between threads, and each
+# worker decodes its next batch between calls (benchmarks/RESULTS.md).
+STREAMS = min(WORKERS, 4)
 
 
 def shared_dir() -> Path:
@@ -884,9 +891,10 @@ TOLERANCE = 1e-4
 
 
 class KerasForward:
-    """Keras ``predict_on_batch``: any backend, any device."""
+    """Keras ``predict_on_batch``: any backend, any device. One caller at a time (``streams`` 1)."""
 
     name = "keras"
+    streams = 1
 
     def __init__(self, model):
         self.model = model
@@ -896,32 +904,51 @@ class KerasForward:
 
 
 class OnnxForward:
-    """The Keras graph converted by tf2onnx, run by ONNX Runtime (TensorFlow backend only)."""
+    """The Keras graph converted by tf2onnx, run by ONNX Runtime (TensorFlow backend only).
+
+    ``streams`` sessions share the cores (``threads`` each, default cores // streams) and serve up
+    to that many callers at once: one session for the lowest latency on one photo, one per core
+    for bulk throughput.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, model, threads: int | None = None, cache: Path | None = None):
+    def __init__(self, model, threads: int | None = None, cache: Path | None = None, streams: int = 1):
         """``cache``: folder of converted graphs (default ``ONNX_CACHE``)."""
+        if streams < 1:
+            raise ValueError("streams must be at least 1")
+        self.streams = streams
+        self.threads = threads or max(1, (os.cpu_count() or 1) // streams)
+        path = onnx_cache_path(model, cache)
+        try:
+            graph = cached_onnx(model, path)
+            first = self._session(graph)
+        except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
+            path.unlink(missing_ok=True)
+            graph = cached_onnx(model, path)
+            first = self._session(graph)
+        self.sessions: queue.SimpleQueue = queue.SimpleQueue()
+        for session in [first] + [self._session(graph) for _ in range(streams - 1)]:
+            self.sessions.put(session)
+        self.input = first.get_inputs()[0].name
+
+    def _session(self, graph: bytes):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         # ONNX Runtime's threads spin between calls by default, taking the cores our decoding
         # threads need: off, end to end went from 174 to 191 img/s (forward alone: -1 %).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = onnx_cache_path(model, cache)
-        try:
-            self.session = ort.InferenceSession(cached_onnx(model, path), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
-            path.unlink(missing_ok=True)
-            self.session = ort.InferenceSession(cached_onnx(model, path), options,
-                                                providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: np.ascontiguousarray(pixels, np.float32)})[0]
+        session = self.sessions.get()  # waits while every session is busy
+        try:
+            return session.run(None, {self.input: np.ascontiguousarray(pixels, np.float32)})[0]
+        finally:
+            self.sessions.put(session)
 
 
 def to_onnx(model, output_name: str | None = None):
@@ -1007,11 +1034,12 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = None):
+def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = None, streams: int = 1):
     """A callable pixels -> features for ``model`` on the chosen runtime.
 
     "auto": ONNX Runtime if installed, on the TensorFlow backend without a GPU, and within
     ``TOLERANCE`` of Keras on ``check_batch``; otherwise Keras. "onnx" insists (raises if unavailable or off).
+    ``streams``: how many callers ONNX Runtime serves at once (Keras always serves one).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
@@ -1019,7 +1047,7 @@ def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = 
     if runtime == "keras" or (runtime == "auto" and not onnx_available()):
         return keras_forward
     try:
-        fast = OnnxForward(model)
+        fast = OnnxForward(model, streams=streams)
     except Exception as exc:  # converter failures come in many types
         if runtime == "onnx":
             raise RuntimeError(f"ONNX Runtime unavailable for {model.name}: {exc}") from exc
@@ -1041,8 +1069,9 @@ def make_forward(model, runtime: str = "auto", check_batch: np.ndarray | None = 
 # ==================== features/extract.py ====================
 # Streaming GAP feature extraction into the HDF5 cache.
 
-# Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
-DEFAULT_BATCH = {"onnxruntime": 8, "keras": 32}
+# Photos per forward call, by runtime (measured: benchmarks/RESULTS.md): small batches keep a
+# single-threaded ONNX Runtime session's activations in the core's cache.
+DEFAULT_BATCH = {"onnxruntime": 2, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
 ENGINES = ("local", "ray")
 
@@ -1158,17 +1187,18 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     done = sum(len(t[2]) for t in tasks) - sum(len(t[2]) for t in pending)
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
-    used = "none (all chunks journalled)"
+    run = {"runtime": "none (all chunks journalled)"}
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
-            used = run_ray(pending, journal, backbone, resolved, batch_size, fast_decode, tta,
-                           progress, runtime, ray_address)
+            run = {"runtime": run_ray(pending, journal, backbone, resolved, batch_size, fast_decode,
+                                      tta, progress, runtime, ray_address)}
         else:
-            used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                        progress, runtime)
+            run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
+                       progress, runtime)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
-                 keras_version=_keras_version(), backend=_backend(), runtime=used,
+                 keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
+                 last_run=run,
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     labels = {p.id: p.label for p in photos.train}
@@ -1186,12 +1216,14 @@ class Extractor:
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
-                 tta: bool = False, model=None):
-        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model."""
+                 tta: bool = False, model=None, streams: int | None = None):
+        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
+        ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
+        throughput; 1: one pass on every core, the lowest latency for a single photo)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
         model = model if model is not None else build_gap_model(self.backbone, self.weights)
-        self.run = make_forward(model, runtime)
+        self.run = make_forward(model, runtime, streams=streams or STREAMS)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -1199,27 +1231,41 @@ class Extractor:
 
     def stream(self, batches: list[list[Photo]], reader=None):
         """Yield (photos, features, reasons) per batch, in order; features are NaN where the
-        photo could not be read (reason non-empty). Decoding runs a few batches ahead.
-        ``reader``: where the bytes come from (default: files and zip members)."""
+        photo could not be read (reason non-empty). ``reader``: where the bytes come from
+        (default: files and zip members).
+
+        With one stream (Keras, a GPU) worker threads decode a few batches ahead of the forward
+        pass in this thread; with several (ONNX Runtime on a CPU) each worker decodes a batch and
+        runs it on a free session, so every core alternates between the two with no hand-off.
+        """
         reader = reader or self.reader
-        with ThreadPoolExecutor(self.workers) as pool:
+        concurrent = self.run.streams > 1
+
+        def job(batch):
+            pixels, reasons = load_batch(reader, batch, self.backbone, self.fast_decode)
+            return (self.forward(pixels) if concurrent else pixels), reasons
+
+        threads = max(self.workers, self.run.streams)
+        # Batches in flight: enough that no thread waits for the one at the head of the line.
+        ahead = 2 * threads if concurrent else threads + 1
+        with ThreadPoolExecutor(threads) as pool:
             window: deque = deque()
             queue = iter(batches)
 
             def top_up():
-                while len(window) < max(2, self.workers + 1):
+                while len(window) < ahead:
                     batch = next(queue, None)
                     if batch is None:
                         return
-                    window.append((batch, pool.submit(load_batch, reader, batch,
-                                                      self.backbone, self.fast_decode)))
+                    window.append((batch, pool.submit(job, batch)))
 
             top_up()
             while window:
                 batch, future = window.popleft()
-                pixels, reasons = future.result()
+                out, reasons = future.result()
                 top_up()
-                out = self.forward(pixels)
+                if not concurrent:
+                    out = self.forward(out)
                 out[np.array([bool(r) for r in reasons])] = np.nan
                 yield batch, out, reasons
 
@@ -1234,8 +1280,9 @@ class Extractor:
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
-         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> str:
-    """Extract the pending chunks into the journal; returns the runtime used."""
+         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> dict:
+    """Extract the pending chunks into the journal; returns the runtime used and how it went
+    (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
     ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
@@ -1257,9 +1304,11 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
             feats, reasons_all = [], []
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d), %d unreadable", backbone.name,
-             total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size, failures)
-    return ex.run.name
+    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d, %d stream(s)), %d unreadable",
+             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size,
+             ex.run.streams, failures)
+    return {"runtime": ex.run.name, "batch_size": ex.batch_size, "streams": ex.run.streams,
+            "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
 
 
 def _keras_version() -> str:

@@ -21,6 +21,12 @@ ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2
 
+# Concurrent forward passes for bulk extraction on a CPU, each on its own share of the cores:
+# one per core up to 4 (each holds a copy of the weights). On 2 cores, two single-threaded
+# sessions at batch 2 beat one two-threaded session: no barrier between threads, and each
+# worker decodes its next batch between calls (benchmarks/RESULTS.md).
+STREAMS = min(WORKERS, 4)
+
 
 def shared_dir() -> Path:
     """The read-only ``shared/`` folder beside the checkout (``GAPSTACK_SHARED`` overrides)."""

@@ -28,7 +28,7 @@ from features import __version__
 from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, assemble, cache_path,
                             check_fresh)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
-from features.defaults import CACHE_DIR, WORKERS, default_data_dirs
+from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
@@ -37,8 +37,9 @@ from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
 
-# Photos per forward call, by runtime (measured: benchmarks/RESULTS.md).
-DEFAULT_BATCH = {"onnxruntime": 8, "keras": 32}
+# Photos per forward call, by runtime (measured: benchmarks/RESULTS.md): small batches keep a
+# single-threaded ONNX Runtime session's activations in the core's cache.
+DEFAULT_BATCH = {"onnxruntime": 2, "keras": 32}
 DEFAULT_CHUNK = 512  # photos per journalled chunk: the most a kill can cost
 ENGINES = ("local", "ray")
 
@@ -154,17 +155,18 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     done = sum(len(t[2]) for t in tasks) - sum(len(t[2]) for t in pending)
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
-    used = "none (all chunks journalled)"
+    run = {"runtime": "none (all chunks journalled)"}
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
-            used = run_ray(pending, journal, backbone, resolved, batch_size, fast_decode, tta,
-                           progress, runtime, ray_address)
+            run = {"runtime": run_ray(pending, journal, backbone, resolved, batch_size, fast_decode,
+                                      tta, progress, runtime, ray_address)}
         else:
-            used = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                        progress, runtime)
+            run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
+                       progress, runtime)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
-                 keras_version=_keras_version(), backend=_backend(), runtime=used,
+                 keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
+                 last_run=run,
                  n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
                  registry_entry=asdict(backbone), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     labels = {p.id: p.label for p in photos.train}
@@ -182,12 +184,14 @@ class Extractor:
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
-                 tta: bool = False, model=None):
-        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model."""
+                 tta: bool = False, model=None, streams: int | None = None):
+        """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
+        ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
+        throughput; 1: one pass on every core, the lowest latency for a single photo)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
         model = model if model is not None else build_gap_model(self.backbone, self.weights)
-        self.run = make_forward(model, runtime)
+        self.run = make_forward(model, runtime, streams=streams or STREAMS)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -195,27 +199,41 @@ class Extractor:
 
     def stream(self, batches: list[list[Photo]], reader=None):
         """Yield (photos, features, reasons) per batch, in order; features are NaN where the
-        photo could not be read (reason non-empty). Decoding runs a few batches ahead.
-        ``reader``: where the bytes come from (default: files and zip members)."""
+        photo could not be read (reason non-empty). ``reader``: where the bytes come from
+        (default: files and zip members).
+
+        With one stream (Keras, a GPU) worker threads decode a few batches ahead of the forward
+        pass in this thread; with several (ONNX Runtime on a CPU) each worker decodes a batch and
+        runs it on a free session, so every core alternates between the two with no hand-off.
+        """
         reader = reader or self.reader
-        with ThreadPoolExecutor(self.workers) as pool:
+        concurrent = self.run.streams > 1
+
+        def job(batch):
+            pixels, reasons = load_batch(reader, batch, self.backbone, self.fast_decode)
+            return (self.forward(pixels) if concurrent else pixels), reasons
+
+        threads = max(self.workers, self.run.streams)
+        # Batches in flight: enough that no thread waits for the one at the head of the line.
+        ahead = 2 * threads if concurrent else threads + 1
+        with ThreadPoolExecutor(threads) as pool:
             window: deque = deque()
             queue = iter(batches)
 
             def top_up():
-                while len(window) < max(2, self.workers + 1):
+                while len(window) < ahead:
                     batch = next(queue, None)
                     if batch is None:
                         return
-                    window.append((batch, pool.submit(load_batch, reader, batch,
-                                                      self.backbone, self.fast_decode)))
+                    window.append((batch, pool.submit(job, batch)))
 
             top_up()
             while window:
                 batch, future = window.popleft()
-                pixels, reasons = future.result()
+                out, reasons = future.result()
                 top_up()
-                out = self.forward(pixels)
+                if not concurrent:
+                    out = self.forward(out)
                 out[np.array([bool(r) for r in reasons])] = np.nan
                 yield batch, out, reasons
 
@@ -230,8 +248,9 @@ class Extractor:
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
-         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> str:
-    """Extract the pending chunks into the journal; returns the runtime used."""
+         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> dict:
+    """Extract the pending chunks into the journal; returns the runtime used and how it went
+    (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
     ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
@@ -253,9 +272,11 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
             feats, reasons_all = [], []
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d), %d unreadable", backbone.name,
-             total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size, failures)
-    return ex.run.name
+    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d, %d stream(s)), %d unreadable",
+             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size,
+             ex.run.streams, failures)
+    return {"runtime": ex.run.name, "batch_size": ex.batch_size, "streams": ex.run.streams,
+            "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
 
 
 def _keras_version() -> str:

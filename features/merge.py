@@ -20,7 +20,7 @@ from features.defaults import CACHE_DIR
 from features.shards import ShardFile, owner, shard_files
 
 # Per-shard attributes that differ by design; the rest must agree.
-_PER_SHARD = ("shard", "created", "runtime", "engine", "weights")
+_PER_SHARD = ("shard", "created", "runtime", "engine", "weights", "last_run")
 
 
 class ShardError(ValueError):

@@ -137,7 +137,7 @@ class CamExplainer:
         for b in ensemble.backbones:
             backbone = Backbone(**b["entry"])
             w = weights or b["weights"]
-            self.extractors[b["name"]] = Extractor(backbone, w, runtime, batch_size=1,
+            self.extractors[b["name"]] = Extractor(backbone, w, runtime, batch_size=1, streams=1,
                                                    model=build_feature_map_model(backbone, w))
 
     def feature_maps(self, photo: Photo, reader=None) -> dict[str, np.ndarray]:

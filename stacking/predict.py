@@ -25,13 +25,14 @@ class Predictor:
     """A loaded ensemble with its backbones built once (the web page keeps one of these)."""
 
     def __init__(self, model_dir: str | Path, weights=None, runtime: str = "auto",
-                 batch_size: int | None = None):
-        """``batch_size``: photos per forward call (None: the runtime's best for bulk work; the
-        web page uses 1, since a padded batch costs a full batch's time)."""
+                 batch_size: int | None = None, streams: int | None = None):
+        """``batch_size``, ``streams``: photos per forward call and concurrent forward passes
+        (None: the runtime's best for bulk work; the web page uses 1 and 1, since a padded
+        batch costs a full batch's time and one photo is fastest on every core)."""
         self.ensemble = Ensemble.load(model_dir)
         self.extractors = {
             b["name"]: Extractor(Backbone(**b["entry"]), weights or b["weights"], runtime,
-                                 batch_size, tta=b.get("tta", False))
+                                 batch_size, tta=b.get("tta", False), streams=streams)
             for b in self.ensemble.backbones}
 
     def features(self, photos: list[Photo], reader=None) -> tuple[dict[str, np.ndarray], list[str]]:

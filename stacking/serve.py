@@ -47,7 +47,7 @@ class Service:
     """The loaded ensemble and its CAM; ``answer`` is what POST /api/predict returns."""
 
     def __init__(self, model_dir: str | Path, weights=None, runtime: str = "auto", model: str | None = None):
-        self.predictor = Predictor(model_dir, weights, runtime, batch_size=1)
+        self.predictor = Predictor(model_dir, weights, runtime, batch_size=1, streams=1)
         self.ensemble = self.predictor.ensemble
         self.cam = CamExplainer(self.ensemble, weights, runtime, model)
         self.model = self.cam.model

@@ -14,6 +14,7 @@ import pytest
 
 from features.cache import StaleCacheError, load_features, read_attrs
 from features.data import load_photos
+from features.defaults import STREAMS
 from features.extract import extract
 from features.images import load_for_backbone
 from features.registry import get_backbone, with_overrides
@@ -48,8 +49,10 @@ def test_features_equal_plain_keras_and_bad_files_are_recorded(small_data, tmp_p
     assert "truncated" in reasons[("test", "5")]
     assert f.label.tolist() == [0] * 11 + [1] * 12
 
-    train_files = [small_data / "train" / f"{i}.jpg" for i in f.train_ids[:6]]
-    np.testing.assert_allclose(f.train[:6], plain_keras_features(train_files), atol=1e-4)
+    # Every row, in order: batches come back from concurrent forward passes (our default on a CPU).
+    assert f.attrs["last_run"]["streams"] == STREAMS and f.attrs["last_run"]["photos"] == 32
+    train_files = [small_data / "train" / f"{i}.jpg" for i in f.train_ids]
+    np.testing.assert_allclose(f.train, plain_keras_features(train_files), atol=1e-4)
     assert f.attrs["weights_id"] == "md5:47eeba030d0a930e462a7de76716de9e"
     assert f.attrs["input_size"] == [224, 224] and f.attrs["backbone"] == "efficientnet_lite0"
 
