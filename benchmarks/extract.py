@@ -71,11 +71,14 @@ def run_ours(backbone_name: str, n: int) -> dict:
         from features.models import build_gap_model
         from features.registry import get_backbone
 
+        from features.cache import read_attrs
+
         build_gap_model(get_backbone(backbone_name))
         start = time.perf_counter()
-        extract(photos, backbone_name, cache_dir=cache, progress=False)
+        path = extract(photos, backbone_name, cache_dir=cache, progress=False)
         elapsed = time.perf_counter() - start
-    return {"images": len(photos.train) + len(photos.test), "seconds": elapsed}
+        last_run = read_attrs(path)["last_run"]
+    return {"images": len(photos.train) + len(photos.test), "seconds": elapsed, "last_run": last_run}
 
 
 def _child(mode: str, backbone: str, n: int) -> dict:
