@@ -40,3 +40,32 @@ def test_converted_graph_is_kept_keyed_and_repaired(lite0_model, tmp_path):
     finally:
         w.assign(original)
     assert model_key(lite0_model) == before
+
+
+def test_keras_check_is_remembered_for_the_same_graph(lite0_model, tmp_path, monkeypatch):
+    import json
+
+    import features.runtime as runtime
+
+    monkeypatch.setattr(runtime, "ONNX_CACHE", tmp_path)
+    calls = []
+    real_call = KerasForward.__call__
+
+    def counted(self, pixels):
+        calls.append(len(pixels))
+        return real_call(self, pixels)
+
+    monkeypatch.setattr(KerasForward, "__call__", counted)
+    first = runtime.make_forward(lite0_model, "auto")
+    assert first.name == "onnxruntime" and calls == [4]
+    record = first.path.with_suffix(".check.json")
+    saved = json.loads(record.read_text())
+    assert 0 < saved["max_rel_diff"] < runtime.TOLERANCE and saved["graph_md5"] == first.graph_md5
+    # Same graph, same ONNX Runtime: Keras is not called again.
+    assert runtime.make_forward(lite0_model, "auto").name == "onnxruntime" and calls == [4]
+    # The record decides: one that says the graph is off sends the work to Keras...
+    record.write_text(json.dumps(dict(saved, max_rel_diff=1.0)))
+    assert runtime.make_forward(lite0_model, "auto").name == "keras" and calls == [4]
+    # ...but a record for other graph bytes (a re-conversion) is ignored and the check runs again.
+    record.write_text(json.dumps(dict(saved, graph_md5="0" * 32, max_rel_diff=1.0)))
+    assert runtime.make_forward(lite0_model, "auto").name == "onnxruntime" and calls == [4, 4]
