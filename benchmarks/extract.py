@@ -1,6 +1,6 @@
 """Extraction throughput and peak memory: ours end to end vs the public write-ups' way.
 
-    python benchmarks/extract.py [--backbone efficientnet_lite0] [--sizes 800 2603]
+    python benchmarks/extract.py [--backbone efficientnet_lite0] [--sizes 800 2603] [--repeat 3]
 
 Each measurement runs in its own process (peak RSS is per process). "write-ups": cv2.imread and
 cv2.resize of every photo into one uint8 array, then ``model.predict``; "ours":
@@ -81,10 +81,15 @@ def run_ours(backbone_name: str, n: int) -> dict:
     return {"images": len(photos.train) + len(photos.test), "seconds": elapsed, "last_run": last_run}
 
 
-def _child(mode: str, backbone: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--backbone", backbone,
-                          "--sizes", str(n)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _child(mode: str, backbone: str, n: int, repeat: int = 1) -> dict:
+    """The fastest of ``repeat`` runs, each in a fresh process. TensorFlow's model.predict here is
+    bimodal (27 s or 45 s for the same 2,603 photos, run to run): the best run is the fair figure."""
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--backbone", backbone,
+                              "--sizes", str(n)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def main() -> None:
@@ -92,6 +97,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--sizes", type=int, nargs="+", default=[800, 2603])
     parser.add_argument("--child", choices=["writeups", "ours"])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts")
     args = parser.parse_args()
     if args.child:
         result = (run_writeups if args.child == "writeups" else run_ours)(args.backbone, args.sizes[0])
@@ -104,7 +110,7 @@ def main() -> None:
     print("| photos | write-ups img/s | ours img/s | ratio | ours once ready img/s | write-ups peak MB | ours peak MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in args.sizes:
-        a, b = _child("writeups", args.backbone, n), _child("ours", args.backbone, n)
+        a, b = _child("writeups", args.backbone, n, args.repeat), _child("ours", args.backbone, n, args.repeat)
         ra, rb = a["images"] / a["seconds"], b["images"] / b["seconds"]
         ready = b["last_run"]["photos"] / b["last_run"]["seconds"]
         print(f"| {a['images']} | {ra:.1f} | {rb:.1f} | {rb / ra:.2f}x | {ready:.1f} | {a['peak_rss_mb']:.0f} | "

@@ -1,9 +1,10 @@
 """Where extraction time goes, per backbone, in one run: the write-ups' way, ours end to end, the
 forward pass alone per inference runtime, decoding alone per core, and the arithmetic limit.
 
-    python benchmarks/pipeline.py [--backbones efficientnet_lite0 efficientnet_lite2] [--photos 2603]
+    python benchmarks/pipeline.py [--backbones efficientnet_lite0 efficientnet_lite2] [--photos 2603] [--repeat 3]
 
-Each end-to-end measurement runs in its own process (``benchmarks/extract.py``'s children).
+Each end-to-end measurement runs in its own process (``benchmarks/extract.py``'s children), the
+fastest of ``--repeat`` runs.
 Forward-only rates use real decoded photos already in memory. The bound for end to end on this
 machine: forward and decoding share the same cores, so at best
 ``1 / (1/forward_rate + 1/(cores * decode_rate_per_core))``. Prints Markdown for RESULTS.md.
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     parser.add_argument("--photos", type=int, default=2603, help="photos for the end-to-end runs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs each; the fastest counts")
     args = parser.parse_args()
     from features.data import load_photos
     from features.defaults import STREAMS, shared_dir
@@ -148,7 +150,7 @@ def main() -> None:
     small = load_photos(shared_dir() / "dogs-vs-cats-200px", require_test=False).train[:400]
     # End-to-end children first, while this process is small: a forked child starts with its
     # parent's peak RSS on Linux, which would spoil their memory figures.
-    ends = {name: (_child("writeups", name, args.photos), _child("ours", name, args.photos))
+    ends = {name: (_child("writeups", name, args.photos, args.repeat), _child("ours", name, args.photos, args.repeat))
             for name in args.backbones}
     for name in args.backbones:
         backbone = get_backbone(name)
