@@ -3,9 +3,10 @@
     python -m features.extract --data DIR [DIR ...] --backbone NAME [--weights PATH]
                                [--cache DIR] [--batch-size N] [--shard I/N] [--engine ray]
 
-Photos are read, decoded and resized by a small thread pool a few batches ahead of the forward
-pass, so decoding overlaps the network and memory holds only those batches, whatever the number
-of photos. Finished chunks are journalled to disk; a killed run resumes where it stopped.
+Photos are read, decoded and resized by a small thread pool (on a CPU each thread also runs its
+own batch through a single-threaded ONNX Runtime session; on a GPU it decodes a few batches ahead
+of the forward pass), so decoding overlaps the network and memory holds only those batches,
+whatever the number of photos. Finished chunks are journalled to disk; a killed run resumes where it stopped.
 A photo that cannot be read is reported and recorded, and the run goes on.
 """
 
