@@ -732,7 +732,7 @@ class Journal:
                 shutil.rmtree(folder)  # unfinished work for another request: start afresh
         folder.mkdir(parents=True, exist_ok=True)
         if not recipe_file.exists():
-            _atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe).encode()))
+            atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe).encode()))
 
     def _chunk(self, split: str, index: int) -> Path:
         return self.folder / f"{split}-{index:06d}.npz"
@@ -741,7 +741,7 @@ class Journal:
         return self._chunk(split, index).exists()
 
     def save(self, split: str, index: int, ids, features, ok, reasons) -> None:
-        _atomic_write(self._chunk(split, index), lambda f: np.savez(
+        atomic_write(self._chunk(split, index), lambda f: np.savez(
             f, ids=np.asarray(ids, dtype=str), features=features, ok=ok,
             reasons=np.asarray(reasons, dtype=str)))
 
@@ -753,7 +753,8 @@ class Journal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` so readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         write(f)
@@ -999,9 +1000,7 @@ def cached_onnx(model, path: Path) -> bytes:
     data = to_onnx(model).SerializeToString()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as exc:
         log.info("could not keep the converted graph in %s (%s)", folder, exc)
     return data
@@ -1084,10 +1083,8 @@ def checked_difference(fast: OnnxForward, reference: KerasForward, shape: tuple)
     batch = np.random.default_rng(0).uniform(0, 255, (4, *shape)).astype(np.float32)
     diff = max_relative_difference(fast(batch), reference(batch))
     try:
-        tmp = record.with_name(record.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(dict(stamp, max_rel_diff=diff)))
-        os.replace(tmp, record)
-    except OSError:
+        atomic_write(record, lambda f: f.write(json.dumps(dict(stamp, max_rel_diff=diff)).encode()))
+    except OSError:  # an unwritable cache only costs the check next time
         pass
     return diff
 

@@ -112,7 +112,7 @@ class Journal:
                 shutil.rmtree(folder)  # unfinished work for another request: start afresh
         folder.mkdir(parents=True, exist_ok=True)
         if not recipe_file.exists():
-            _atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe).encode()))
+            atomic_write(recipe_file, lambda f: f.write(json.dumps(recipe).encode()))
 
     def _chunk(self, split: str, index: int) -> Path:
         return self.folder / f"{split}-{index:06d}.npz"
@@ -121,7 +121,7 @@ class Journal:
         return self._chunk(split, index).exists()
 
     def save(self, split: str, index: int, ids, features, ok, reasons) -> None:
-        _atomic_write(self._chunk(split, index), lambda f: np.savez(
+        atomic_write(self._chunk(split, index), lambda f: np.savez(
             f, ids=np.asarray(ids, dtype=str), features=features, ok=ok,
             reasons=np.asarray(reasons, dtype=str)))
 
@@ -133,7 +133,8 @@ class Journal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` so readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         write(f)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.cache import atomic_write
 from features.defaults import ONNX_CACHE
 
 log = logging.getLogger("gapstack")
@@ -140,9 +141,7 @@ def cached_onnx(model, path: Path) -> bytes:
     data = to_onnx(model).SerializeToString()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as exc:
         log.info("could not keep the converted graph in %s (%s)", folder, exc)
     return data
@@ -225,9 +224,7 @@ def checked_difference(fast: OnnxForward, reference: KerasForward, shape: tuple)
     batch = np.random.default_rng(0).uniform(0, 255, (4, *shape)).astype(np.float32)
     diff = max_relative_difference(fast(batch), reference(batch))
     try:
-        tmp = record.with_name(record.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(dict(stamp, max_rel_diff=diff)))
-        os.replace(tmp, record)
-    except OSError:
+        atomic_write(record, lambda f: f.write(json.dumps(dict(stamp, max_rel_diff=diff)).encode()))
+    except OSError:  # an unwritable cache only costs the check next time
         pass
     return diff
