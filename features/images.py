@@ -55,9 +55,7 @@ def decode_rgb(data: bytes, name: str, draft_size: tuple[int, int] | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF; the pixels are still fine
             image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_PIXELS:
-                raise ImageError(name, f"too large ({image.width}x{image.height} pixels; "
-                                       f"the limit is {MAX_PIXELS:,})")
+            _check_size(name, image.width, image.height)
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", draft_size)
             image.load()
@@ -82,15 +80,21 @@ def _decode_plain_jpeg(data: bytes, name: str) -> np.ndarray | None:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("YCbCr", "Gray"):
-            return None
-        if width * height > MAX_PIXELS:
-            raise ImageError(name, f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
-        return simplejpeg.decode_jpeg(data, "RGB", strict=True)
-    except ValueError as exc:
-        if isinstance(exc, ImageError):
-            raise
+    except ValueError:
         return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    _check_size(name, width, height)
+    try:
+        return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+    except ValueError:
+        return None
+
+
+def _check_size(name: str, width: int, height: int) -> None:
+    """Refuse a decompression bomb from its header, before any pixel is decoded."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(name, f"too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
