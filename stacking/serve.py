@@ -23,7 +23,7 @@ import numpy as np
 
 from features.data import BytesReader, Photo
 from features.extract import setup_logging
-from features.images import MAX_PIXELS, ImageError, decode_rgb
+from features.images import MAX_PIXELS, ImageError, decode_rgb, resize
 from stacking.cam import CamExplainer, overlay
 from stacking.predict import Predictor
 from stacking.submission import clip
@@ -108,14 +108,9 @@ def _finite(x: float) -> float | None:
 
 def _fit(rgb: np.ndarray, side: int) -> np.ndarray:
     """The photo scaled so its longer side is at most ``side`` (the CAM is drawn at this size)."""
-    import cv2
-
     h, w = rgb.shape[:2]
     scale = min(1.0, side / max(h, w))
-    if scale == 1.0:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                      interpolation=cv2.INTER_AREA)
+    return resize(rgb, (max(1, round(h * scale)), max(1, round(w * scale))), "area")
 
 
 def _png_base64(rgb: np.ndarray) -> str:
