@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import re
+import zipfile
 from pathlib import Path
 
 from features.defaults import default_weights_dir
+from features.efficientnet_lite import LITE_SCALING, efficientnet_lite
 from features.registry import Backbone
 
 # ImageNet statistics used by the "caffe" and "torch" modes (as in keras.applications).
@@ -56,7 +60,7 @@ def resolve_weights(backbone: Backbone, weights: str | Path | None = "default") 
                              "without its weights")
         return None
     if weights == "imagenet":
-        if backbone.is_file:
+        if backbone.weights != "imagenet":
             raise ValueError(f"Backbone '{backbone.name}' has no Keras 'imagenet' download; pass its "
                              f"file ({backbone.weights_file}) or a folder holding it")
         return "imagenet"
@@ -104,13 +108,50 @@ def describe_model_file(path: Path) -> tuple[tuple[int, int], int]:
     return (int(shape[1]), int(shape[2])), int(model.output_shape[-1])
 
 
+def saved_keras_version(path: str | Path) -> str | None:
+    """The Keras version that wrote a ``.keras`` file (its metadata.json), if it says."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("metadata.json")).get("keras_version")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
 def _load_keras_file(path: str):
+    """A saved model; the shared EfficientNet-Lite files are built in code from their weights, so
+    they load on every Keras 3, not only on the one that wrote them."""
     import keras
 
+    lite = re.fullmatch(r"efficientnet_lite(\d)_(top|notop)\.keras", Path(path).name)
+    if lite and int(lite[1]) in LITE_SCALING:
+        return efficientnet_lite(int(lite[1]), include_top=lite[2] == "top", weights=path)
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file; name the file either way.
-        raise ValueError(f"{path}: cannot load as a Keras model ({type(exc).__name__}: {exc})") from exc
+        message = f"{path}: cannot load as a Keras model ({type(exc).__name__}: {exc})"
+        saved = saved_keras_version(path)
+        if saved and _version(saved) > _version(keras.__version__):
+            message += (f". It was saved by Keras {saved} and this is Keras {keras.__version__}: a "
+                        "newer Keras writes arguments an older one does not know. Upgrade Keras "
+                        f"(pip install 'keras>={saved}'), or save the weights alone "
+                        "(model.save_weights) and build the architecture in code")
+        raise ValueError(message) from exc
+
+
+def _constructor(dotted: str):
+    """The function a registry entry names. In kernel.py our modules are one file, so a
+    constructor of ours that cannot be imported is looked up in this module instead."""
+    module, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        if module.split(".")[0] != "features" or attr not in globals():
+            raise
+        return globals()[attr]
 
 
 def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "default"):
@@ -124,9 +165,7 @@ def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "de
         if backbone.feature_layer and backbone.feature_layer != base.layers[-1].name:
             base = keras.Model(base.inputs, base.get_layer(backbone.feature_layer).output)
     else:
-        module, _, attr = backbone.constructor.rpartition(".")
-        constructor = getattr(importlib.import_module(module), attr)
-        base = constructor(include_top=False, weights=resolved, input_shape=(height, width, 3),
+        base = _constructor(backbone.constructor)(include_top=False, weights=resolved, input_shape=(height, width, 3),
                            pooling=None)
         if backbone.feature_layer:
             base = keras.Model(base.inputs, base.get_layer(backbone.feature_layer).output)

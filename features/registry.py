@@ -1,6 +1,6 @@
 """The backbone table: everything about a backbone is one entry here, as data.
 
-Adding a backbone is adding one ``Backbone`` to ``BACKBONES``; no other code path changes.
+Adding a backbone is adding one ``Backbone`` to ``REGISTRY``; no other code path changes.
 Entries name their constructor as a dotted path, so the table is importable without
 loading TensorFlow.
 """
@@ -19,15 +19,16 @@ class Backbone:
     """How to build one backbone and feed it.
 
     name: registry key, also the cache file name (``gap_<name>.h5``).
-    constructor: dotted path of a ``keras.applications`` function, or None for a
-        backbone that is a saved ``.keras`` file (the architecture comes with the weights).
+    constructor: dotted path of a function built like ``keras.applications``' (``include_top``,
+        ``weights``, ``input_shape``, ``pooling``), or None for a backbone that is a saved
+        ``.keras`` file (the architecture comes with the weights).
     input_size: (height, width) the photo is resized to.
     preprocess: how 0..255 RGB pixels are normalised before the network
         ("caffe": BGR minus ImageNet mean; "tf": [-1, 1]; "torch": ImageNet mean/std;
         "none": the model normalises inside, as EfficientNet-style models do).
     feature_dim: width of the global-average-pooled feature vector.
     weights: default weights: "imagenet" (Keras download) or a file name looked up in
-        the weights folder.
+        the weights folder (then there is no download).
     weights_file: the file name to look for when a weights *folder* is given.
     resize: interpolation used to bring the photo to ``input_size``.
     feature_layer: layer whose output is the last feature map (None: the model's output).
@@ -67,14 +68,16 @@ def _app(name, ctor, size, preprocess, dim, weights_file, **kw) -> Backbone:
 
 
 def _lite(n: int, size: int) -> Backbone:
+    # Built in code (features/efficientnet_lite.py), weights read from the .keras file: a .keras
+    # architecture saved by a newer Keras does not load in the older ones Kaggle runs.
     fname = f"efficientnet_lite{n}_notop.keras"
-    return Backbone(f"efficientnet_lite{n}", None, (size, size), "none", 1280, fname, fname,
-                    feature_layer="top_activation")
+    return Backbone(f"efficientnet_lite{n}", f"features.efficientnet_lite.EfficientNetLite{n}",
+                    (size, size), "none", 1280, fname, fname)
 
 
 _KERAS = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
-BACKBONES: dict[str, Backbone] = {
+REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in [
         # The public write-ups' four.
@@ -88,7 +91,7 @@ BACKBONES: dict[str, Backbone] = {
         _app("efficientnetv2_b0", "EfficientNetV2B0", 224, "none", 1280, "efficientnetv2-b0_notop.h5"),
         _app("efficientnetv2_s", "EfficientNetV2S", 384, "none", 1280, "efficientnetv2-s_notop.h5"),
         _app("convnext_tiny", "ConvNeXtTiny", 224, "none", 768, "convnext_tiny_notop.h5"),
-        # EfficientNet-Lite, shipped as .keras files (see shared/README.md).
+        # EfficientNet-Lite: weights shipped as .keras files (see shared/README.md).
         _lite(0, 224),
         _lite(1, 240),
         _lite(2, 260),
@@ -98,13 +101,13 @@ BACKBONES: dict[str, Backbone] = {
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone."""
-    return sorted(BACKBONES)
+    return sorted(REGISTRY)
 
 
 def get_backbone(name: str) -> Backbone:
     """The registry entry for ``name``, or an ad-hoc entry for a saved ``.keras`` file path."""
-    if name in BACKBONES:
-        return BACKBONES[name]
+    if name in REGISTRY:
+        return REGISTRY[name]
     if name.endswith(".keras"):
         return backbone_from_file(name)
     raise KeyError(f"Unknown backbone '{name}'; available: {', '.join(list_backbones())}, "

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from features.models import WeightsNotFound, build_gap_model, preprocess, resolve_weights
-from features.registry import BACKBONES, get_backbone, list_backbones
+from features.registry import REGISTRY, get_backbone, list_backbones
 from tests.conftest import PHOTOS, WEIGHTS
 
 
@@ -17,7 +17,7 @@ def _photo(size):
 @pytest.mark.parametrize("name", list_backbones())
 def test_entry_matches_the_model(name):
     entry = get_backbone(name)
-    weights = "default" if entry.is_file else None  # no imagenet download here
+    weights = None if entry.weights == "imagenet" else "default"  # no imagenet download here
     model = build_gap_model(entry, weights)
     assert tuple(model.input_shape[1:3]) == entry.input_size
     out = np.asarray(model.predict_on_batch(_photo(entry.input_size)))
@@ -51,8 +51,10 @@ def test_weights_from_file_or_folder(tmp_path):
     assert resolve_weights(entry, nested) == str(nested / "v1" / entry.weights_file)
     with pytest.raises(WeightsNotFound, match=r"no efficientnet_lite0_notop.keras"):
         resolve_weights(entry, tmp_path / "kaggle-dataset" / "v1" / ".." / "..")
+    with pytest.raises(ValueError, match=r"no Keras 'imagenet' download"):
+        resolve_weights(entry, "imagenet")
     with pytest.raises(ValueError, match=r"cannot be built without its weights"):
-        resolve_weights(entry, None)
+        resolve_weights(get_backbone(str(file)), None)
 
 
 def test_keras_application_loads_a_local_weights_folder(tmp_path):
@@ -75,4 +77,4 @@ def test_keras_application_loads_a_local_weights_folder(tmp_path):
 def test_any_saved_keras_file_is_a_backbone():
     entry = get_backbone(str(WEIGHTS / "efficientnet_lite1_notop.keras"))
     assert entry.input_size == (240, 240) and entry.feature_dim == 1280 and entry.is_file
-    assert entry.input_size == BACKBONES["efficientnet_lite1"].input_size
+    assert entry.input_size == REGISTRY["efficientnet_lite1"].input_size
