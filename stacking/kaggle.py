@@ -8,34 +8,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
-from features.defaults import KAGGLE_INPUT, KAGGLE_WORKING, default_data_dirs
+from features.defaults import KAGGLE_COMPETITION, KAGGLE_INPUT, KAGGLE_WORKING, default_data_dirs
+from features.extract import setup_logging
 from features.registry import get_backbone
 from features.runtime import has_gpu
-from stacking.run import main
+from stacking.run import log, main
 
 # --- settings ---
 # Edit these, or pass them as flags (python kernel.py --help).
-DATA = None  # None: the competition input (/kaggle/input/dogs-vs-cats-redux-kernels-edition)
+INPUT = None  # None: /kaggle/input, where Kaggle mounts the competition and attached datasets
+DATA = None  # None: the competition's folder under INPUT (dogs-vs-cats-redux-kernels-edition)
 OUT = None  # None: /kaggle/working on Kaggle, else runs/<timestamp>
 BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public write-ups' four
-WEIGHTS_DIR = None  # None: an attached dataset holding the Keras weight files if found, else download
+WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
 # --- end settings ---
 
 
 def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | None:
-    """An attached Kaggle dataset (up to three folders deep) holding the backbones' weight files."""
+    """The folder of the backbones' weight files in attached Kaggle datasets (up to four folders
+    deep). Files spread over several datasets are linked into one temporary folder."""
     wanted = {get_backbone(b).weights_file for b in backbones}
     if not root.is_dir():
         return None
-    for pattern in ("*/*", "*/*/*", "*/*/*/*"):
-        for f in root.glob(pattern):
-            if f.name in wanted:
-                return f.parent
-    return None
+    found: dict[str, Path] = {}
+    for pattern in ("*/*", "*/*/*", "*/*/*/*", "*/*/*/*/*"):
+        for f in sorted(root.glob(pattern)):
+            if f.name in wanted and f.name not in found:
+                found[f.name] = f
+    if not found:
+        return None
+    missing = wanted - set(found)
+    if missing:
+        log.warning("kernel: no weights file under %s for %s", root, ", ".join(sorted(missing)))
+    folders = {f.parent for f in found.values()}
+    if len(folders) == 1:
+        return folders.pop()
+    joined = Path(tempfile.mkdtemp(prefix="gapstack-weights-"))
+    for name, f in found.items():
+        (joined / name).symlink_to(f)
+    return joined
 
 
 def kaggle_main(argv: list[str] | None = None) -> int:
@@ -43,16 +59,24 @@ def kaggle_main(argv: list[str] | None = None) -> int:
         prog="kernel.py", description="Dogs vs. Cats Redux: GAP features of pretrained CNNs, "
         "out-of-fold heads and stacking; writes submission.csv and a report.",
         epilog="Any other stacking.run flag (--holdout, --heads, --submit-with, ...) is passed on.")
+    parser.add_argument("--input", default=INPUT,
+                        help="where the competition and attached datasets are (default: /kaggle/input)")
     parser.add_argument("--data", nargs="+", default=[DATA] if DATA else None)
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--backbones", default=BACKBONES)
     parser.add_argument("--weights-dir", default=WEIGHTS_DIR)
     parser.add_argument("--folds", type=int, default=FOLDS)
     args, rest = parser.parse_known_args(argv)
+    setup_logging()
+    root = Path(args.input) if args.input else KAGGLE_INPUT
     backbones = [b for b in args.backbones.split(",") if b]
-    weights = args.weights_dir or find_weights_dir(backbones)
-    data = args.data or [str(d) for d in default_data_dirs()]
+    weights = args.weights_dir or find_weights_dir(backbones, root)
+    data = args.data or ([str(root / KAGGLE_COMPETITION.name)] if args.input
+                         else [str(d) for d in default_data_dirs()])
     out = args.out or (str(KAGGLE_WORKING) if KAGGLE_WORKING.is_dir() else None)
+    if not has_gpu() and KAGGLE_INPUT.is_dir():
+        log.warning("No GPU: this notebook runs on the CPU, many times slower. In the notebook's "
+                    "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
     run_args += ["--out", out] if out else []

@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OURS = ("features", "oof", "stacking")
 MODULES = [
-    "features/defaults.py", "features/registry.py", "features/models.py", "features/images.py",
+    "features/defaults.py", "features/registry.py", "features/efficientnet_lite.py",
+    "features/models.py", "features/images.py",
     "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py",
     "features/extract.py",
     "oof/folds.py", "oof/heads.py", "oof/crossfit.py", "oof/store.py",
@@ -97,6 +98,12 @@ def build() -> str:
                 seen[name] = (rel, text)
             out.append(segment)
         bodies.append(_OWN_IMPORT.sub("", "".join(out)))
+    # The settings go to the top of the file: a module defining one of their names would silently
+    # replace the user's setting (it happened: the registry's table replaced BACKBONES).
+    for node in ast.parse(settings).body:
+        for name in _defined(node):
+            if name in seen:
+                raise SystemExit(f"build_kernel: setting '{name}' is also defined in {seen[name][0]}")
     version = re.search(r'__version__ = "([^"]+)"', (REPO / "features/__init__.py").read_text()).group(1)
     header = (
         '"""gapstack kernel: Dogs vs. Cats Redux with GAP features of pretrained CNNs, out-of-fold\n'
