@@ -15,9 +15,14 @@ either is complete or does not exist.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +136,33 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def extraction_lock(path: Path, log=None):
+    """Hold ``<cache>.lock`` while extracting into ``path``: a second process (another notebook
+    kernel, another terminal) waits for the first, says whom it waits for, then finds the cache
+    made. The lock is the kernel's (``flock``), so a killed holder releases it at once."""
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if log:
+                log.warning("%s: %s is extracting into it; waiting for it to finish", path, holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]}), "
+                f"since {time.strftime('%H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write) -> None:

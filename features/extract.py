@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import time
 from collections import deque
@@ -27,13 +26,13 @@ import numpy as np
 
 from features import __version__
 from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, assemble, cache_path,
-                            check_fresh)
+                            check_fresh, extraction_lock)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
-from features.runtime import RUNTIMES, make_forward
+from features.runtime import RUNTIMES, accelerators, make_forward
 from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
@@ -138,16 +137,37 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     resolved = resolve_weights(backbone, weights)
     recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
-    if path.exists():
-        try:
-            check_fresh(path, recipe)
-            log.info("%s: up to date, reusing it", path)
-            return path
-        except StaleCacheError:
-            if not overwrite:
-                raise
-            log.warning("%s: stale, recomputing (--overwrite)", path)
+    if _reusable(path, recipe, overwrite):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    with extraction_lock(path, log):
+        # Another process may have made it while we waited for the lock.
+        if _reusable(path, recipe, overwrite):
+            return path
+        _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
+                 fast_decode, tta, progress, runtime, shard, engine, ray_address)
+    return path
+
+
+def _reusable(path: Path, recipe: dict, overwrite: bool) -> bool:
+    """True when ``path`` holds features made by ``recipe``; a stale one raises unless ``overwrite``."""
+    if not path.exists():
+        return False
+    try:
+        check_fresh(path, recipe)
+    except StaleCacheError:
+        if not overwrite:
+            raise
+        log.warning("%s: stale, recomputing (--overwrite)", path)
+        return False
+    log.info("%s: up to date, reusing it", path)
+    return True
+
+
+def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path: Path,
+             batch_size: int | None, workers: int, chunk_size: int, fast_decode: bool, tta: bool,
+             progress: bool, runtime: str, shard, engine: str, ray_address: str | None) -> None:
+    """The extraction itself, under the cache's lock: journal the pending chunks, then assemble."""
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
     every = plan_chunks(photos, chunk_size)
     chunks = {s: sum(1 for t in every if t[0] == s) for s in ("train", "test")}
@@ -177,7 +197,6 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         write_shard(path, journal, tasks, labels,
                     dict(attrs, shard=list(shard), chunk_size=chunk_size, chunks=chunks, engine=engine))
     journal.remove()
-    return path
 
 
 class Extractor:
@@ -185,14 +204,16 @@ class Extractor:
 
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
-                 tta: bool = False, model=None, streams: int | None = None):
+                 tta: bool = False, model=None, streams: int | None = None,
+                 devices: list[str] | None = None):
         """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
         ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
-        throughput; 1: one pass on every core, the lowest latency for a single photo)."""
+        throughput; 1: one pass on every core, the lowest latency for a single photo).
+        ``devices``: one model replica per device (default: every GPU when there are several)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
         model = model if model is not None else build_gap_model(self.backbone, self.weights)
-        self.run = make_forward(model, runtime, streams=streams or STREAMS)
+        self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -339,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging() -> None:
-    """Our messages on stderr for command-line use; quiet TensorFlow's and tf2onnx's chatter."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Our messages on stderr for command-line use; quiet TensorFlow's and tf2onnx's chatter
+    (TensorFlow starts here, its C++ start-up lines hidden: ``features.runtime.accelerators``)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -349,6 +370,7 @@ def setup_logging() -> None:
         log.propagate = False
     for noisy in ("tf2onnx", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    accelerators()
 
 
 if __name__ == "__main__":

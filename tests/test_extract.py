@@ -112,6 +112,32 @@ def test_killed_extraction_resumes(tmp_path):
         assert set(f) >= {"train", "test", "label", "train_ids", "test_ids", "test_ok"}
 
 
+def test_two_processes_one_cache(tmp_path):
+    """Two real processes extracting into one cache (two notebook kernels): the second waits for
+    the first, naming it, then reuses what it made; nothing is lost or extracted twice."""
+    data = make_kaggle_dir(tmp_path / "data", 20, 8)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "features.extract", "--data", str(data), "--backbone",
+           "efficientnet_lite0", "--cache", str(cache), "--batch-size", "4", "--chunk-size", "8"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    lock = cache / "gap_efficientnet_lite0.h5.lock"
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.02)
+    assert lock.read_text().startswith(f"process {first.pid} "), "the first should hold the lock"
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    first_err = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second.stderr
+    assert f"process {first.pid} " in second.stderr and "waiting for it to finish" in second.stderr
+    assert "up to date, reusing it" in second.stderr and "photos in" not in second.stderr
+    f = load_features(cache / "gap_efficientnet_lite0.h5")
+    assert len(f.train_ids) == 40 and len(f.test_ids) == 8 and np.isfinite(f.train).all()
+    assert not (cache / "gap_efficientnet_lite0.h5.partial").exists()
+    assert not list(cache.glob("*.tmp*"))
+
+
 def test_cli_errors_name_the_problem(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-m", "features.extract", "--data", str(tmp_path),
