@@ -9,6 +9,7 @@ Keras model on one batch before use (the verdict is kept beside the cached graph
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,9 @@ import logging
 import os
 import queue
 import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -147,26 +151,125 @@ def cached_onnx(model, path: Path) -> bytes:
     return data
 
 
+# TensorFlow's C++ start-up lines ("Could not find cuda drivers", "failed call to cuInit", CPU
+# instruction notes): written to the process's stderr by native code before TensorFlow's logging
+# is set up, so TF_CPP_MIN_LOG_LEVEL hides only some of them. A new user reads them as failures.
+NATIVE_STARTUP = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|"
+                            r"[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] |"
+                            r"To enable the following instructions:|WARNING: Logging before InitGoogle")
+
+
+@contextmanager
+def native_stderr_filtered(hidden: list[str]):
+    """Run a block with file descriptor 2 captured; afterwards pass on every line but TensorFlow's
+    start-up lines, which go to ``hidden`` (``GAPSTACK_TF_LOG=1`` shows them all)."""
+    if os.environ.get("GAPSTACK_TF_LOG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if NATIVE_STARTUP.match(line):
+                    hidden.append(line)
+                else:
+                    print(line, file=sys.stderr)
+
+
+def nvidia_gpu_installed() -> bool:
+    """An NVIDIA driver sees a GPU on this machine (whatever TensorFlow makes of it)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+@functools.lru_cache(maxsize=None)
+def accelerators() -> tuple[str, ...]:
+    """The accelerators Keras will use, found once, with TensorFlow's start-up lines hidden.
+
+    A GPU the driver sees but TensorFlow cannot use is the one real problem among those lines:
+    it is said once, in our words, with TensorFlow's own reason.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's later INFO/WARNING lines
+    hidden: list[str] = []
+    with native_stderr_filtered(hidden):
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            found = tuple(d.name for d in tf.config.list_logical_devices("GPU"))
+        elif keras.backend.backend() == "jax":
+            import jax
+
+            found = tuple(str(d) for d in jax.devices()) if jax.default_backend() != "cpu" else ()
+        else:
+            found = ()
+    if not found and nvidia_gpu_installed():
+        why = next((l.split("] ", 1)[-1] for l in hidden if "cuInit" in l or "cuda" in l.lower()), "")
+        log.warning("This machine has an NVIDIA GPU but %s cannot use it, so everything runs on the "
+                    "CPU, many times slower.%s", keras.backend.backend(),
+                    f" It said: {why}" if why else "")
+    return found
+
+
 def has_gpu() -> bool:
     """True when Keras runs on an accelerator (then it, not a CPU runtime, should do the work)."""
-    import keras
+    return bool(accelerators())
 
-    if keras.backend.backend() == "tensorflow":
+
+class ReplicatedForward:
+    """One copy of the model on each device (Kaggle's T4 x2: one per GPU), each serving one caller
+    at a time: ``streams`` callers decode and run their batches side by side (TensorFlow backend)."""
+
+    name = "keras"
+
+    def __init__(self, model, devices: list[str]):
+        import keras
         import tensorflow as tf
 
-        return bool(tf.config.list_physical_devices("GPU"))
-    if keras.backend.backend() == "jax":
-        import jax
+        if len(devices) < 2:
+            raise ValueError("ReplicatedForward needs at least two devices")
+        self.streams, self.devices = len(devices), list(devices)
+        self.batches = dict.fromkeys(self.devices, 0)  # batches each device ran (last_run, tests)
+        self.replicas: queue.SimpleQueue = queue.SimpleQueue()
+        weights = model.get_weights()
+        for device in devices:
+            with tf.device(device):
+                clone = keras.models.clone_model(model)
+                clone.set_weights(weights)
+                run = tf.function(lambda x, m=clone: m(x, training=False))
+            self.replicas.put((device, clone, run))
 
-        return jax.default_backend() != "cpu"
-    return False
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        device, model, run = self.replicas.get()  # waits while every replica is busy
+        try:
+            with tf.device(device):
+                out = np.array(run(tf.constant(pixels, tf.float32)), dtype=np.float32)  # a writable copy
+            self.batches[device] += 1
+            return out
+        finally:
+            self.replicas.put((device, model, run))
+
+
+def _backend_is(name: str) -> bool:
+    import keras
+
+    return keras.backend.backend() == name
 
 
 def onnx_available() -> bool:
     """ONNX Runtime can take over: TensorFlow backend on a CPU, with tf2onnx and onnxruntime."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow" or has_gpu():
+    if not _backend_is("tensorflow") or has_gpu():
         return False
     return all(importlib.util.find_spec(name) for name in ("onnxruntime", "tf2onnx"))
 
@@ -175,15 +278,21 @@ def max_relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def make_forward(model, runtime: str = "auto", streams: int = 1):
+def make_forward(model, runtime: str = "auto", streams: int = 1, devices: list[str] | None = None):
     """A callable pixels -> features for ``model`` on the chosen runtime.
 
     "auto": ONNX Runtime if installed, on the TensorFlow backend without a GPU, and within
     ``TOLERANCE`` of Keras (``checked_difference``); otherwise Keras. "onnx" insists (raises if
     unavailable or off). ``streams``: how many callers ONNX Runtime serves at once (Keras: one).
+    ``devices``: run Keras on these devices, one replica each (default: every GPU when there are
+    several, as on Kaggle's T4 x2; ``streams`` then does not apply).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    if devices is None and runtime != "onnx" and len(accelerators()) > 1 and _backend_is("tensorflow"):
+        devices = list(accelerators())
+    if devices and len(devices) > 1:
+        return ReplicatedForward(model, devices)
     keras_forward = KerasForward(model)
     if runtime == "keras" or (runtime == "auto" and not onnx_available()):
         return keras_forward

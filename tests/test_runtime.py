@@ -1,9 +1,17 @@
-"""The converted-graph cache behind ONNX Runtime: reused, keyed by weights, repaired when damaged."""
+"""Forward passes: the converted-graph cache behind ONNX Runtime (reused, keyed by weights,
+repaired when damaged), one replica per device, and a quiet TensorFlow start."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from features.runtime import KerasForward, OnnxForward, max_relative_difference, model_key, onnx_cache_path
 from tests.conftest import PHOTOS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def real_pixels(n=4):
@@ -69,3 +77,40 @@ def test_keras_check_is_remembered_for_the_same_graph(lite0_model, tmp_path, mon
     # ...but a record for other graph bytes (a re-conversion) is ignored and the check runs again.
     record.write_text(json.dumps(dict(saved, graph_md5="0" * 32, max_rel_diff=1.0)))
     assert runtime.make_forward(lite0_model, "auto").name == "onnxruntime" and calls == [4, 4]
+
+
+TWO_DEVICES = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from features.data import load_photos
+from features.extract import Extractor
+devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+assert len(devices) == 2, devices
+photos = load_photos(sys.argv[1]).train
+two = Extractor("efficientnet_lite0", devices=devices, batch_size=4)
+one = Extractor("efficientnet_lite0", runtime="keras", batch_size=4)
+assert two.run.streams == 2 and one.run.streams == 1
+a, _ = two.features(photos)
+b, _ = one.features(photos)
+placed = [sorted({v.value.device.rsplit("/", 1)[-1] for v in m.weights}) for _, m, _ in
+          [two.run.replicas.get() for _ in devices]]
+print("diff", float(np.abs(a - b).max() / np.abs(b).max()))
+print("batches", sorted(two.run.batches.values()))
+print("placed", placed)
+"""
+
+
+def test_one_replica_per_device_on_two_logical_devices(small_data):
+    """Kaggle's T4 x2 path, on two logical CPU devices: each replica's weights live on its own
+    device, both run batches, and the features are those of one plain Keras model."""
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(small_data)], capture_output=True,
+                         text=True, timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert float(lines["diff"]) < 1e-5
+    batches = eval(lines["batches"])
+    assert sum(batches) == 6 and min(batches) >= 1  # 24 photos in batches of 4, on both devices
+    assert sorted(map(tuple, eval(lines["placed"]))) == [("device:CPU:0",), ("device:CPU:1",)]
