@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stacking.submission import CLIP
+from stacking.submission import CLIP, clip_rule, submit_command
 
 
 def choose_model(cv: dict[str, dict], requested: str | None = None,
@@ -21,11 +21,10 @@ def choose_model(cv: dict[str, dict], requested: str | None = None,
         raise KeyError(f"Unknown model '{requested}' for --submit-with; available: {', '.join(cv)}")
 
     def loss(m):
-        key = {"on": "log_loss_clipped", "off": "log_loss"}.get(clip_mode)
-        return cv[m][key] if key else min(cv[m]["log_loss"], cv[m]["log_loss_clipped"])
+        return submitted_loss(cv[m], clip_mode)
 
     best = requested or min(cv, key=loss)
-    clipped = {"on": True, "off": False}.get(clip_mode, cv[best]["log_loss_clipped"] < cv[best]["log_loss"])
+    clipped = clip_rule(cv[best], clip_mode)
     why = "chosen with --submit-with" if requested else \
         f"lowest CV log loss ({loss(best):.4f}) of {len(cv)} models on the same folds"
     how = {"on": "clipped (--clip on)", "off": "not clipped (--clip off)"}.get(
@@ -34,12 +33,26 @@ def choose_model(cv: dict[str, dict], requested: str | None = None,
     return best, clipped, f"{why}; {how}"
 
 
-def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen: str) -> str:
+def submitted_loss(score: dict, clip_mode: str = "auto") -> float:
+    """A model's CV log loss as its submission file is made (clipped or not by ``clip_rule``)."""
+    return score["log_loss_clipped"] if clip_rule(score, clip_mode) else score["log_loss"]
+
+
+def _lb(value) -> str:
+    return "" if value is None or value != value else f"{value:.5f}"
+
+
+def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen: str,
+                   leaderboard: dict[str, dict] | None = None) -> str:
+    """Every model's CV (and held-out, and recorded leaderboard) scores, one row each."""
     head = "| model | CV log loss | CV log loss (clipped) | CV accuracy |"
     rule = "| --- | --- | --- | --- |"
     if holdout:
         head += " held-out log loss | held-out (clipped) | held-out accuracy |"
         rule += " --- | --- | --- |"
+    if leaderboard:
+        head += " public LB | private LB |"
+        rule += " --- | --- |"
     lines = [head, rule]
     for name, s in cv.items():
         mark = " **(submitted)**" if name == chosen else ""
@@ -47,18 +60,42 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
         if holdout:
             h = holdout[name]
             row += f" {h['log_loss']:.4f} | {h['log_loss_clipped']:.4f} | {h['accuracy']:.4f} |"
+        if leaderboard:
+            lb = leaderboard.get(name, {})
+            row += f" {_lb(lb.get('public'))} | {_lb(lb.get('private'))} |"
         lines.append(row)
     return "\n".join(lines)
 
 
+def submissions_section(submissions: dict[str, dict], cv: dict[str, dict], run_name: str) -> list[str]:
+    """The per-model Kaggle files with their CV log loss as submitted, and how to submit each."""
+    lines = ["## A Kaggle submission for every model", "",
+             "Each file is `id,label` for every test photo, clipped where clipping lowers that "
+             "model's CV log loss. Submit it from the notebook's Output tab, or with the Kaggle CLI; "
+             "then record the scores: `python -m stacking.leaderboard RUN --record MODEL=PUBLIC[,PRIVATE]`.", "",
+             "| model | file | clipped | CV log loss as submitted |", "| --- | --- | --- | --- |"]
+    for name, sub in submissions.items():
+        lines.append(f"| {name} | `{sub['file']}` | {'yes' if sub['clipped'] else 'no'} | {sub['cv_log_loss']:.4f} |")
+    lines += ["", "```bash"]
+    lines += [submit_command(sub["file"], f"gapstack {run_name} {name} (CV {sub['cv_log_loss']:.4f})")
+              for name, sub in submissions.items()]
+    return lines + ["```", ""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
-                 reason: str, oof: dict[str, np.ndarray], y: np.ndarray) -> str:
-    """Write report.md, report.json and the plots; returns the Markdown table."""
-    table = markdown_table(cv, holdout, chosen)
-    plots = make_plots(out, cv, holdout, chosen, oof, y)
+                 reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
+                 submissions: dict[str, dict] | None = None,
+                 leaderboard: dict[str, dict] | None = None) -> str:
+    """Write report.md, report.json and the plots; returns the Markdown table.
+
+    ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
+    recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
+    table = markdown_table(cv, holdout, chosen, leaderboard)
+    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard)
     (out / "report.json").write_text(json.dumps(
         {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
-         "clip": list(CLIP) if clipped else None, "plots": plots}, indent=2, default=str))
+         "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
+         "leaderboard": leaderboard}, indent=2, default=str))
     lines = [f"# gapstack run: {info['out']}", "",
              f"Data: {', '.join(info['data'])}; {info['n_train']} training photos"
              + (f" ({info['n_holdout']} more held out)" if info.get("n_holdout") else "")
@@ -68,6 +105,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              table, "",
              f"Submission: **{chosen}**: {reason}"
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
+    if submissions:
+        lines += submissions_section(submissions, cv, Path(info["out"]).name)
     if info.get("exclusion"):
         ex = info["exclusion"]
         lines += [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
@@ -86,7 +125,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
 
 
 def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
-               y: np.ndarray) -> dict[str, str]:
+               y: np.ndarray, leaderboard: dict[str, dict] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,22 +134,49 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
 
     files = {}
     names = list(cv)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    pos = np.arange(len(names))
-    ax.barh(pos, [cv[n]["log_loss_clipped"] for n in names], height=0.4,
-            color=["tab:orange" if n == chosen else "tab:blue" for n in names], label="CV (clipped)")
+    # What the submission is chosen by: unclipped and clipped CV side by side (and held out).
+    bars = [("CV", "log_loss", cv, "tab:blue"), ("CV, clipped", "log_loss_clipped", cv, "tab:cyan")]
     if holdout:
-        ax.barh(pos + 0.4, [holdout[n]["log_loss_clipped"] for n in names], height=0.4,
-                color="lightgray", label="held out (clipped)")
-    ax.set_yticks(pos + (0.2 if holdout else 0), names)
+        bars += [("held out", "log_loss", holdout, "darkgray"),
+                 ("held out, clipped", "log_loss_clipped", holdout, "lightgray")]
+    height = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(8.5, (0.25 + 0.16 * len(bars)) * len(names) + 1.5))
+    pos = np.arange(len(names))
+    for k, (label, key, table, colour) in enumerate(bars):
+        values = [table[n][key] for n in names]
+        ax.barh(pos + k * height, values, height=height, color=colour, label=label)
+    ax.set_yticks(pos + height * (len(bars) - 1) / 2,
+                  [f"{n}  (submitted)" if n == chosen else n for n in names])
+    for tick in ax.get_yticklabels():
+        if tick.get_text().endswith("(submitted)"):
+            tick.set_fontweight("bold")
     ax.invert_yaxis()
     ax.set_xlabel("log loss (lower is better)")
-    ax.set_title("Every model on the same folds")
-    ax.legend(loc="lower right")
+    ax.set_title("Every model on the same folds: unclipped and clipped")
+    ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "logloss.png", dpi=110)
     plt.close(fig)
     files["Log loss per model"] = "logloss.png"
+
+    recorded = {n: lb["public"] for n, lb in (leaderboard or {}).items() if lb.get("public") is not None}
+    if recorded:
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        xs = [min(cv[n]["log_loss"], cv[n]["log_loss_clipped"]) for n in recorded]
+        ys = list(recorded.values())
+        ax.scatter(xs, ys, color=["tab:orange" if n == chosen else "tab:blue" for n in recorded])
+        for n, x, v in zip(recorded, xs, ys):
+            ax.annotate(n, (x, v), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        lo, hi = min(xs + ys), max(xs + ys)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="leaderboard = CV")
+        ax.set_xlabel("CV log loss (best of clipped / unclipped)")
+        ax.set_ylabel("public leaderboard log loss")
+        ax.set_title("CV against the leaderboard")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "cv_vs_leaderboard.png", dpi=110)
+        plt.close(fig)
+        files["CV against the public leaderboard"] = "cv_vs_leaderboard.png"
 
     best_single = min((n for n in names if "/" in n), key=lambda n: cv[n]["log_loss_clipped"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))

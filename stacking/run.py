@@ -33,7 +33,8 @@ from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
 from stacking.ensemble import fit_ensemble
 from stacking.report import choose_model, write_report
-from stacking.submission import CLIP, scores, write_submission
+from stacking.submission import (CLIP, CLIP_MODES, SUBMISSIONS, scores, write_model_submissions,
+                                 write_submission)
 
 log = logging.getLogger("gapstack")
 
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, p in test_pred.items():
         save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
+    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, args.clip)
 
     holdout = None
     if held:
@@ -170,9 +172,10 @@ def run(args: argparse.Namespace) -> dict:
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,
             "seconds": round(time.time() - started, 1)}
-    table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y)
+    table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y, submissions)
     print(table)
-    print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); report: {out / 'report.md'}")
+    print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
+          f"report: {out / 'report.md'}")
     return {"cv": cv, "holdout": holdout, "chosen": chosen}
 
 
@@ -188,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
     parser.add_argument("--submit-with", default=None, help="model for submission.csv "
                         "(default: the lowest CV log loss, clipped or not as --clip says)")
-    parser.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--clip", choices=CLIP_MODES, default="auto",
                         help=f"clip the submission to {list(CLIP)}: auto keeps it where it lowers "
                              "the CV log loss")
     parser.add_argument("--heads", default="logistic",

@@ -68,6 +68,8 @@ def check_outputs(work, out, models, n_test):
     report = (work / "out" / "report.md").read_text()
     for model in models:
         assert f"| {model}" in report and f"| {model}" in out.stdout
+        per_model = pd.read_csv(work / "out" / "submissions" / f"{model.replace('/', '__')}.csv")
+        assert per_model["id"].tolist() == sub["id"].tolist() and per_model["label"].between(0, 1).all()
 
 
 def test_kernel_runs_alone_on_zipped_kaggle_input(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,3 +109,81 @@ def test_exclusion_is_compared_on_the_same_kept_rows(runs):
     kept = ex["cv_with_excluded_rows"]["stack-lr"]
     assert kept["n"] == report["cv"]["stack-lr"]["n"] == len(oof)
     assert "Without the 2 photos excluded" in (runs / "c" / "report.md").read_text()
+
+
+def test_every_model_has_a_kaggle_ready_submission(runs):
+    """submissions/<model>.csv: every test id once, in order, equal to the run's test predictions of
+    that model after its own clip rule (auto: where clipping lowers its CV; --clip on: always)."""
+    from oof.store import prediction_path
+
+    for name, forced in (("a", None), ("b", True)):
+        run = runs / name
+        report = json.loads((run / "report.json").read_text())
+        files = sorted((run / "submissions").glob("*.csv"))
+        assert {f.name for f in files} == {prediction_path(".", m).name for m in report["cv"]}
+        for model, s in report["cv"].items():
+            sub = pd.read_csv(prediction_path(run / "submissions", model))
+            assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == list(range(1, 13))
+            pred = pd.read_csv(prediction_path(run / "test", model)).sort_values("id")["pred"].to_numpy()
+            clipped = forced if forced is not None else s["log_loss_clipped"] < s["log_loss"]
+            expected = np.clip(pred, *CLIP) if clipped else pred
+            np.testing.assert_allclose(sub["label"].to_numpy(), expected, rtol=0, atol=1e-12)
+            assert report["submissions"][model]["clipped"] == clipped
+        chosen = pd.read_csv(prediction_path(run / "submissions", report["submit_with"]))
+        assert chosen.equals(pd.read_csv(run / "submission.csv"))
+        md = (run / "report.md").read_text()
+        assert "kaggle competitions submit -c dogs-vs-cats-redux-kernels-edition -f submissions/" in md
+
+
+def _copy_run(runs, name, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(runs / name, tmp_path / name))
+
+
+def test_leaderboard_scores_go_into_the_report(runs, tmp_path, capsys):
+    from stacking import leaderboard
+
+    a, b = _copy_run(runs, "a", tmp_path), _copy_run(runs, "b", tmp_path)
+    assert leaderboard.main([str(a), "--record", "stack-lr=0.0412,0.0398",
+                             "--record", "concat-fusion=0.0512"]) == 0
+    assert leaderboard.main([str(a), "--record", "stack-lr=0.0405"]) == 0  # newer replaces older
+    board = pd.read_csv(a / "leaderboard.csv").set_index("model")
+    assert board.loc["stack-lr", "public"] == 0.0405 and np.isnan(board.loc["stack-lr", "private"])
+    assert board.loc["concat-fusion", "public"] == 0.0512
+    report = json.loads((a / "report.json").read_text())
+    assert report["leaderboard"]["stack-lr"] == {"public": 0.0405, "private": None}
+    assert report["cv"] == json.loads((runs / "a" / "report.json").read_text())["cv"]
+    md = (a / "report.md").read_text()
+    assert "public LB | private LB |" in md and "| 0.04050 |" in md and "| 0.05120 |" in md
+    assert (a / "cv_vs_leaderboard.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert leaderboard.main([str(a), str(b)]) == 0  # one table across runs
+    out = capsys.readouterr().out
+    assert "| a | stack-lr" in out and "| b | stack-lr" in out and "0.04050" in out
+    assert "| a | concat-fusion" in out and "0.05120" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--record", "stack-xx=0.04"], "the run has no model 'stack-xx'; its models: "),
+    (["--record", "stack-lr=abc"], "'abc' is not a number"),
+    (["--record", "stack-lr"], "expected MODEL=PUBLIC[,PRIVATE]"),
+    (["--record", "stack-lr=0.04", "--record", "average=-1"], "a log loss is a finite number >= 0"),
+])
+def test_leaderboard_bad_records_change_nothing(runs, tmp_path, capsys, args, message):
+    from stacking import leaderboard
+
+    a = _copy_run(runs, "a", tmp_path)
+    before = {f: (a / f).read_bytes() for f in ("report.md", "report.json")}
+    assert leaderboard.main([str(a), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (a / "leaderboard.csv").exists()
+    assert {f: (a / f).read_bytes() for f in before} == before
+
+
+def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from stacking import leaderboard
+
+    assert leaderboard.main([str(tmp_path), "--record", "stack-lr=0.04"]) == 2
+    assert f"{tmp_path}: not a gapstack run (no report.json)" in capsys.readouterr().err
+    assert not (tmp_path / "leaderboard.csv").exists()
