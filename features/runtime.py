@@ -155,7 +155,8 @@ def cached_onnx(model, path: Path) -> bytes:
 # instruction notes): written to the process's stderr by native code before TensorFlow's logging
 # is set up, so TF_CPP_MIN_LOG_LEVEL hides only some of them. A new user reads them as failures.
 NATIVE_STARTUP = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|"
-                            r"[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] |"
+                            r"[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] |"  # absl (TF 2.16+)
+                            r"\d{4}-\d\d-\d\d [\d:.]+: [IWEF] [\w/.-]+:\d+\] |"  # TF's own (2.18)
                             r"To enable the following instructions:|WARNING: Logging before InitGoogle")
 
 
