@@ -518,8 +518,29 @@ def _constructor(dotted: str):
         return globals()[attr]
 
 
-def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "default"):
-    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> last feature map (N, h, w, C)."""
+@contextmanager
+def dtype_policy(precision: str):
+    """Build layers under a Keras dtype policy ("float32", "mixed_float16", ...): Keras has only a
+    global one, so it is restored afterwards."""
+    import keras
+
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(before)
+
+
+def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "default",
+                            precision: str = "float32"):
+    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> last feature map (N, h, w, C), computed in
+    ``precision`` (a Keras dtype policy; weights stay float32)."""
+    with dtype_policy(precision):
+        return _build_feature_map_model(backbone, weights)
+
+
+def _build_feature_map_model(backbone: Backbone, weights: str | Path | None):
     import keras
 
     resolved = resolve_weights(backbone, weights)
@@ -538,15 +559,19 @@ def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "de
     return keras.Model(pixels, feature_map, name=f"{backbone.name}_map")
 
 
-def build_gap_model(backbone: Backbone, weights: str | Path | None = "default"):
-    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> GAP features (N, feature_dim)."""
+def build_gap_model(backbone: Backbone, weights: str | Path | None = "default",
+                    precision: str = "float32"):
+    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> GAP features (N, feature_dim), float32 out."""
     import keras
 
-    fmap = build_feature_map_model(backbone, weights)
-    out = fmap.output
-    if len(out.shape) == 4:
-        out = keras.layers.GlobalAveragePooling2D(name="gap")(out)
-    return keras.Model(fmap.input, out, name=f"{backbone.name}_gap")
+    with dtype_policy(precision):
+        fmap = _build_feature_map_model(backbone, weights)
+        out = fmap.output
+        if len(out.shape) == 4:
+            out = keras.layers.GlobalAveragePooling2D(name="gap")(out)
+        if precision != "float32":  # features leave in float32 whatever the policy computed in
+            out = keras.layers.Activation("linear", dtype="float32", name="features")(out)
+        return keras.Model(fmap.input, out, name=f"{backbone.name}_gap")
 
 
 # ==================== features/images.py ====================
@@ -851,7 +876,10 @@ FEATURE_FORMAT = 1
 
 # Recipe keys: a cache is reused only if all of them match the request.
 RECIPE_KEYS = ("feature_format", "backbone", "constructor", "weights_id", "input_size",
-               "preprocess", "resize", "feature_dim", "fast_decode", "tta", "data_fingerprint")
+               "preprocess", "resize", "feature_dim", "fast_decode", "tta", "precision",
+               "data_fingerprint")
+# What a cache made before a key existed was made with (so adding a key does not make it stale).
+RECIPE_DEFAULTS = {"precision": "float32"}
 
 
 class StaleCacheError(RuntimeError):
@@ -866,7 +894,7 @@ def recipe_differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of the recipe entries that differ."""
     diffs = []
     for key in RECIPE_KEYS:
-        a, b = stored.get(key), wanted.get(key)
+        a, b = stored.get(key, RECIPE_DEFAULTS.get(key)), wanted.get(key)
         if json.dumps(a) != json.dumps(b):
             diffs.append(f"{key}: cache has {a!r}, asked for {b!r}")
     return diffs
@@ -1305,6 +1333,34 @@ def accelerators() -> tuple[str, ...]:
     return found
 
 
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# Tensor cores (float16 matrix units) start at compute capability 7.0: T4 7.5, V100 7.0; P100
+# (6.0) runs float16 no faster than float32 in practice. benchmarks/RESULTS.md: float16 features
+# move every model's CV log loss far less than the fold seed does.
+TENSOR_CORES = (7, 0)
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of each GPU TensorFlow sees (empty on a CPU or another backend)."""
+    if not accelerators() or not _backend_is("tensorflow"):
+        return []
+    import tensorflow as tf
+
+    details = [tf.config.experimental.get_device_details(d) for d in tf.config.list_physical_devices("GPU")]
+    return [tuple(d.get("compute_capability") or (0, 0)) for d in details]
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """The Keras dtype policy extraction runs in. "auto": mixed_float16 where every GPU has tensor
+    cores, else float32 (CPUs and older GPUs: float16 and bfloat16 are slower there, measured)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    capabilities = gpu_compute_capabilities()
+    return "mixed_float16" if capabilities and min(capabilities) >= TENSOR_CORES else "float32"
+
+
 def has_gpu() -> bool:
     """True when Keras runs on an accelerator (then it, not a CPU runtime, should do the work)."""
     return bool(accelerators())
@@ -1435,7 +1491,7 @@ ENGINES = ("local", "ray")
 
 
 def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_decode: bool,
-                tta: bool) -> dict:
+                tta: bool, precision: str = "float32") -> dict:
     """Everything that determines the features; a cache is reused only when all of it matches."""
     return {
         "feature_format": FEATURE_FORMAT,
@@ -1448,6 +1504,7 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
         "feature_dim": backbone.feature_dim,
         "fast_decode": fast_decode,
         "tta": "flip" if tta else "none",
+        "precision": precision,
         "data_fingerprint": photos.fingerprint(),
     }
 
@@ -1509,7 +1566,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
             tta: bool = False, progress: bool = True, runtime: str = "auto",
             shard: tuple[int, int] | None = None, engine: str = "local",
-            ray_address: str | None = None) -> Path:
+            ray_address: str | None = None, precision: str = "auto") -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
@@ -1518,6 +1575,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
+    ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -1525,7 +1583,10 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
-    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
+    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision)
+    if engine == "ray" and precision != "float32":
+        raise ValueError("--engine ray extracts in float32 only")
+    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
     if _reusable(path, recipe, overwrite):
         return path
@@ -1535,7 +1596,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         if _reusable(path, recipe, overwrite):
             return path
         _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                 fast_decode, tta, progress, runtime, shard, engine, ray_address)
+                 fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
     return path
 
 
@@ -1556,7 +1617,8 @@ def _reusable(path: Path, recipe: dict, overwrite: bool) -> bool:
 
 def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path: Path,
              batch_size: int | None, workers: int, chunk_size: int, fast_decode: bool, tta: bool,
-             progress: bool, runtime: str, shard, engine: str, ray_address: str | None) -> None:
+             progress: bool, runtime: str, shard, engine: str, ray_address: str | None,
+             precision: str) -> None:
     """The extraction itself, under the cache's lock: journal the pending chunks, then assemble."""
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
     every = plan_chunks(photos, chunk_size)
@@ -1574,7 +1636,7 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
                                       tta, progress, runtime, ray_address)}
         else:
             run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                       progress, runtime)
+                       progress, runtime, precision)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
                  keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
                  last_run=run,
@@ -1595,14 +1657,21 @@ class Extractor:
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
                  tta: bool = False, model=None, streams: int | None = None,
-                 devices: list[str] | None = None):
+                 devices: list[str] | None = None, precision: str = "float32"):
         """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
         ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
         throughput; 1: one pass on every core, the lowest latency for a single photo).
-        ``devices``: one model replica per device (default: every GPU when there are several)."""
+        ``devices``: one model replica per device (default: every GPU when there are several).
+        ``precision``: Keras dtype policy of the GAP model (not float32: Keras runs it, since the
+        ONNX Runtime path is checked against float32 Keras)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        model = model if model is not None else build_gap_model(self.backbone, self.weights)
+        model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
+        if precision != "float32" and runtime != "keras":
+            if runtime == "onnx":
+                raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
+            runtime = "keras"
+        self.precision = precision
         self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
@@ -1660,10 +1729,11 @@ class Extractor:
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
-         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> dict:
+         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str,
+         precision: str = "float32") -> dict:
     """Extract the pending chunks into the journal; returns the runtime used and how it went
     (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
-    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta)
+    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
@@ -1684,10 +1754,11 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
             feats, reasons_all = [], []
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d, %d stream(s)), %d unreadable",
-             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size,
-             ex.run.streams, failures)
-    return {"runtime": ex.run.name, "batch_size": ex.batch_size, "streams": ex.run.streams,
+    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, %s, batch %d, %d stream(s)), %d unreadable",
+             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, precision,
+             ex.batch_size, ex.run.streams, failures)
+    return {"runtime": ex.run.name, "precision": precision, "batch_size": ex.batch_size,
+            "streams": ex.run.streams,
             "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
 
 
@@ -2547,16 +2618,19 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
-           overwrite: bool, batch_size: int | None = None) -> tuple[dict, list[dict], list]:
+           overwrite: bool, batch_size: int | None = None,
+           precision: str = "auto") -> tuple[dict, list[dict], list]:
     """Features of every backbone from the cache (extracting what is missing), and what made them."""
     loaded, described, unreadable = {}, [], []
     for name in backbones:
         backbone = get_backbone(name)
-        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta)
+        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta,
+                       precision=precision)
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
                           "weights": resolve_weights(backbone, weights), "tta": tta,
+                          "precision": loaded[backbone.name].attrs.get("precision", "float32"),
                           "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime")})
     return loaded, described, sorted(set(unreadable))
 
@@ -2612,7 +2686,7 @@ def run(args: argparse.Namespace) -> dict:
     # The cache holds every training photo; the holdout is a selection of rows, so changing
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
-                                           args.overwrite, args.batch_size)
+                                           args.overwrite, args.batch_size, args.precision)
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -2701,6 +2775,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="photos per forward pass (default: the runtime's measured best)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="Keras dtype policy of extraction (auto: mixed_float16 on GPUs with "
+                             "tensor cores, else float32; benchmarks/RESULTS.md)")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
     parser.add_argument("--exclude", default=None,

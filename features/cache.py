@@ -34,7 +34,10 @@ FEATURE_FORMAT = 1
 
 # Recipe keys: a cache is reused only if all of them match the request.
 RECIPE_KEYS = ("feature_format", "backbone", "constructor", "weights_id", "input_size",
-               "preprocess", "resize", "feature_dim", "fast_decode", "tta", "data_fingerprint")
+               "preprocess", "resize", "feature_dim", "fast_decode", "tta", "precision",
+               "data_fingerprint")
+# What a cache made before a key existed was made with (so adding a key does not make it stale).
+RECIPE_DEFAULTS = {"precision": "float32"}
 
 
 class StaleCacheError(RuntimeError):
@@ -49,7 +52,7 @@ def recipe_differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of the recipe entries that differ."""
     diffs = []
     for key in RECIPE_KEYS:
-        a, b = stored.get(key), wanted.get(key)
+        a, b = stored.get(key, RECIPE_DEFAULTS.get(key)), wanted.get(key)
         if json.dumps(a) != json.dumps(b):
             diffs.append(f"{key}: cache has {a!r}, asked for {b!r}")
     return diffs

@@ -32,7 +32,7 @@ from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, load_for_backbone
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
-from features.runtime import RUNTIMES, accelerators, make_forward
+from features.runtime import PRECISIONS, RUNTIMES, accelerators, choose_precision, make_forward
 from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
@@ -45,7 +45,7 @@ ENGINES = ("local", "ray")
 
 
 def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_decode: bool,
-                tta: bool) -> dict:
+                tta: bool, precision: str = "float32") -> dict:
     """Everything that determines the features; a cache is reused only when all of it matches."""
     return {
         "feature_format": FEATURE_FORMAT,
@@ -58,6 +58,7 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
         "feature_dim": backbone.feature_dim,
         "fast_decode": fast_decode,
         "tta": "flip" if tta else "none",
+        "precision": precision,
         "data_fingerprint": photos.fingerprint(),
     }
 
@@ -119,7 +120,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
             tta: bool = False, progress: bool = True, runtime: str = "auto",
             shard: tuple[int, int] | None = None, engine: str = "local",
-            ray_address: str | None = None) -> Path:
+            ray_address: str | None = None, precision: str = "auto") -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
@@ -128,6 +129,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
+    ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -135,7 +137,10 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
-    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta)
+    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision)
+    if engine == "ray" and precision != "float32":
+        raise ValueError("--engine ray extracts in float32 only")
+    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
     if _reusable(path, recipe, overwrite):
         return path
@@ -145,7 +150,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         if _reusable(path, recipe, overwrite):
             return path
         _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                 fast_decode, tta, progress, runtime, shard, engine, ray_address)
+                 fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
     return path
 
 
@@ -166,7 +171,8 @@ def _reusable(path: Path, recipe: dict, overwrite: bool) -> bool:
 
 def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path: Path,
              batch_size: int | None, workers: int, chunk_size: int, fast_decode: bool, tta: bool,
-             progress: bool, runtime: str, shard, engine: str, ray_address: str | None) -> None:
+             progress: bool, runtime: str, shard, engine: str, ray_address: str | None,
+             precision: str) -> None:
     """The extraction itself, under the cache's lock: journal the pending chunks, then assemble."""
     journal = Journal(path.with_name(path.name + ".partial"), recipe)
     every = plan_chunks(photos, chunk_size)
@@ -184,7 +190,7 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
                                       tta, progress, runtime, ray_address)}
         else:
             run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                       progress, runtime)
+                       progress, runtime, precision)
     attrs = dict(recipe, gapstack_version=__version__, weights=str(resolved),
                  keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
                  last_run=run,
@@ -205,14 +211,21 @@ class Extractor:
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
                  tta: bool = False, model=None, streams: int | None = None,
-                 devices: list[str] | None = None):
+                 devices: list[str] | None = None, precision: str = "float32"):
         """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
         ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
         throughput; 1: one pass on every core, the lowest latency for a single photo).
-        ``devices``: one model replica per device (default: every GPU when there are several)."""
+        ``devices``: one model replica per device (default: every GPU when there are several).
+        ``precision``: Keras dtype policy of the GAP model (not float32: Keras runs it, since the
+        ONNX Runtime path is checked against float32 Keras)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        model = model if model is not None else build_gap_model(self.backbone, self.weights)
+        model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
+        if precision != "float32" and runtime != "keras":
+            if runtime == "onnx":
+                raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
+            runtime = "keras"
+        self.precision = precision
         self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
@@ -270,10 +283,11 @@ class Extractor:
 
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
-         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str) -> dict:
+         workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str,
+         precision: str = "float32") -> dict:
     """Extract the pending chunks into the journal; returns the runtime used and how it went
     (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
-    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta)
+    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
@@ -294,10 +308,11 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
             feats, reasons_all = [], []
     bar.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, batch %d, %d stream(s)), %d unreadable",
-             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, ex.batch_size,
-             ex.run.streams, failures)
-    return {"runtime": ex.run.name, "batch_size": ex.batch_size, "streams": ex.run.streams,
+    log.info("%s: %d photos in %.1f s (%.1f img/s, %s, %s, batch %d, %d stream(s)), %d unreadable",
+             backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, precision,
+             ex.batch_size, ex.run.streams, failures)
+    return {"runtime": ex.run.name, "precision": precision, "batch_size": ex.batch_size,
+            "streams": ex.run.streams,
             "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
 
 
@@ -328,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="photos per forward call (default: the runtime's measured best)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="forward pass: ONNX Runtime if it matches Keras (auto), or force one")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="Keras dtype policy of the forward pass (auto: mixed_float16 on GPUs "
+                             "with tensor cores, else float32)")
     parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: cores)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="photos per journalled chunk (what a killed run may redo)")
@@ -351,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         path = extract(photos, args.backbone, weights, args.cache, args.batch_size, args.workers,
                        args.overwrite, args.chunk_size, args.fast_decode, args.tta,
                        runtime=args.runtime, shard=shard, engine=args.engine,
-                       ray_address=args.ray_address)
+                       ray_address=args.ray_address, precision=args.precision)
     except (ValueError, KeyError, FileNotFoundError, StaleCacheError, RuntimeError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2

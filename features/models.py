@@ -11,6 +11,7 @@ import importlib
 import json
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from features.defaults import default_weights_dir
@@ -154,8 +155,29 @@ def _constructor(dotted: str):
         return globals()[attr]
 
 
-def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "default"):
-    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> last feature map (N, h, w, C)."""
+@contextmanager
+def dtype_policy(precision: str):
+    """Build layers under a Keras dtype policy ("float32", "mixed_float16", ...): Keras has only a
+    global one, so it is restored afterwards."""
+    import keras
+
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(before)
+
+
+def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "default",
+                            precision: str = "float32"):
+    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> last feature map (N, h, w, C), computed in
+    ``precision`` (a Keras dtype policy; weights stay float32)."""
+    with dtype_policy(precision):
+        return _build_feature_map_model(backbone, weights)
+
+
+def _build_feature_map_model(backbone: Backbone, weights: str | Path | None):
     import keras
 
     resolved = resolve_weights(backbone, weights)
@@ -174,12 +196,16 @@ def build_feature_map_model(backbone: Backbone, weights: str | Path | None = "de
     return keras.Model(pixels, feature_map, name=f"{backbone.name}_map")
 
 
-def build_gap_model(backbone: Backbone, weights: str | Path | None = "default"):
-    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> GAP features (N, feature_dim)."""
+def build_gap_model(backbone: Backbone, weights: str | Path | None = "default",
+                    precision: str = "float32"):
+    """Raw RGB pixels (N, H, W, 3) float32 0..255 -> GAP features (N, feature_dim), float32 out."""
     import keras
 
-    fmap = build_feature_map_model(backbone, weights)
-    out = fmap.output
-    if len(out.shape) == 4:
-        out = keras.layers.GlobalAveragePooling2D(name="gap")(out)
-    return keras.Model(fmap.input, out, name=f"{backbone.name}_gap")
+    with dtype_policy(precision):
+        fmap = _build_feature_map_model(backbone, weights)
+        out = fmap.output
+        if len(out.shape) == 4:
+            out = keras.layers.GlobalAveragePooling2D(name="gap")(out)
+        if precision != "float32":  # features leave in float32 whatever the policy computed in
+            out = keras.layers.Activation("linear", dtype="float32", name="features")(out)
+        return keras.Model(fmap.input, out, name=f"{backbone.name}_gap")

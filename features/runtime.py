@@ -221,6 +221,34 @@ def accelerators() -> tuple[str, ...]:
     return found
 
 
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# Tensor cores (float16 matrix units) start at compute capability 7.0: T4 7.5, V100 7.0; P100
+# (6.0) runs float16 no faster than float32 in practice. benchmarks/RESULTS.md: float16 features
+# move every model's CV log loss far less than the fold seed does.
+TENSOR_CORES = (7, 0)
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of each GPU TensorFlow sees (empty on a CPU or another backend)."""
+    if not accelerators() or not _backend_is("tensorflow"):
+        return []
+    import tensorflow as tf
+
+    details = [tf.config.experimental.get_device_details(d) for d in tf.config.list_physical_devices("GPU")]
+    return [tuple(d.get("compute_capability") or (0, 0)) for d in details]
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """The Keras dtype policy extraction runs in. "auto": mixed_float16 where every GPU has tensor
+    cores, else float32 (CPUs and older GPUs: float16 and bfloat16 are slower there, measured)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    capabilities = gpu_compute_capabilities()
+    return "mixed_float16" if capabilities and min(capabilities) >= TENSOR_CORES else "float32"
+
+
 def has_gpu() -> bool:
     """True when Keras runs on an accelerator (then it, not a CPU runtime, should do the work)."""
     return bool(accelerators())

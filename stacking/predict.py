@@ -32,7 +32,8 @@ class Predictor:
         self.ensemble = Ensemble.load(model_dir)
         self.extractors = {
             b["name"]: Extractor(Backbone(**b["entry"]), weights or b["weights"], runtime,
-                                 batch_size, tta=b.get("tta", False), streams=streams)
+                                 batch_size, tta=b.get("tta", False), streams=streams,
+                                 precision=b.get("precision", "float32"))
             for b in self.ensemble.backbones}
 
     def features(self, photos: list[Photo], reader=None) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -27,6 +27,7 @@ from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEE
 from features.extract import extract, setup_logging
 from features.models import resolve_weights
 from features.registry import get_backbone
+from features.runtime import PRECISIONS
 from oof.crossfit import TEST_MODES
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
@@ -53,16 +54,19 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
-           overwrite: bool, batch_size: int | None = None) -> tuple[dict, list[dict], list]:
+           overwrite: bool, batch_size: int | None = None,
+           precision: str = "auto") -> tuple[dict, list[dict], list]:
     """Features of every backbone from the cache (extracting what is missing), and what made them."""
     loaded, described, unreadable = {}, [], []
     for name in backbones:
         backbone = get_backbone(name)
-        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta)
+        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta,
+                       precision=precision)
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
                           "weights": resolve_weights(backbone, weights), "tta": tta,
+                          "precision": loaded[backbone.name].attrs.get("precision", "float32"),
                           "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime")})
     return loaded, described, sorted(set(unreadable))
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     # The cache holds every training photo; the holdout is a selection of rows, so changing
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
-                                           args.overwrite, args.batch_size)
+                                           args.overwrite, args.batch_size, args.precision)
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -207,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="photos per forward pass (default: the runtime's measured best)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="Keras dtype policy of extraction (auto: mixed_float16 on GPUs with "
+                             "tensor cores, else float32; benchmarks/RESULTS.md)")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
     parser.add_argument("--exclude", default=None,
