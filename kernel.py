@@ -2480,6 +2480,33 @@ def submissions_section(submissions: dict[str, dict], cv: dict[str, dict], run_n
     return lines + ["```", ""]
 
 
+def exclusion_section(ex: dict) -> list[str]:
+    """With and without the excluded photos, on all training rows (the excluded ones predicted as
+    the test set is) and on the kept rows only, and what that says."""
+    models = ex["models"]
+    lines = [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
+             "Same folds. **All rows**: every training photo scored, the excluded ones predicted by "
+             "the fold models that never trained on them, as the test set is predicted (the test set "
+             "holds such photos too). **Kept rows**: only the photos kept, which flatters leaving "
+             "photos out.", "",
+             "| model | all rows: with | all rows: without | change | kept rows: with | kept rows: without | change |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        a, k = m["all_rows"], m["kept_rows"]
+        da = a["without"]["log_loss"] - a["with"]["log_loss"]
+        dk = k["without"]["log_loss"] - k["with"]["log_loss"]
+        lines.append(f"| {name} | {a['with']['log_loss']:.4f} | {a['without']['log_loss']:.4f} | {da:+.4f} | "
+                     f"{k['with']['log_loss']:.4f} | {k['without']['log_loss']:.4f} | {dk:+.4f} |")
+    worse = [n for n, m in models.items() if m["all_rows"]["without"]["log_loss"] > m["all_rows"]["with"]["log_loss"]]
+    kept_better = [n for n, m in models.items()
+                   if m["kept_rows"]["without"]["log_loss"] < m["kept_rows"]["with"]["log_loss"]]
+    verdict = (f"Leaving them out **hurts** {len(worse)} of {len(models)} models on all rows"
+               if worse else f"Leaving them out helps all {len(models)} models on all rows")
+    if worse and kept_better:
+        verdict += f", while the kept rows alone say it helps {len(kept_better)}"
+    return lines + ["", verdict + ".", ""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -2506,15 +2533,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     if submissions:
         lines += submissions_section(submissions, cv, Path(info["out"]).name)
     if info.get("exclusion"):
-        ex = info["exclusion"]
-        lines += [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
-                  "Same folds; both columns scored on the kept photos only.", "",
-                  "| model | CV log loss, trained with them | CV log loss, trained without | change |",
-                  "| --- | --- | --- | --- |"]
-        for name, s in cv.items():
-            before = ex["cv_with_excluded_rows"][name]["log_loss"]
-            lines.append(f"| {name} | {before:.4f} | {s['log_loss']:.4f} | {s['log_loss'] - before:+.4f} |")
-        lines.append("")
+        lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):
         lines += [f"Unreadable photos: {len(info['unreadable'])} (test rows among them get 0.5).", ""]
     lines += [f"![{title}]({file})" for title, file in plots.items()]
@@ -2662,15 +2681,24 @@ def read_exclusions(path: str | Path) -> set[str]:
     return set(df["id"])
 
 
-def compare_exclusion(described, X, y, fold, keep, heads, args) -> dict:
-    """CV of every model trained with and without the excluded rows, on the same folds, both
-    scored on the kept rows only (so the comparison is fair)."""
-    log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
-             int((~keep).sum()), len(keep))
-    _, oof_all = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                              test_mode=args.test_mode, log=log.debug)
-    return {"n_excluded": int((~keep).sum()), "source": str(args.exclude),
-            "cv_with_excluded_rows": {name: scores(y[keep], p[keep]) for name, p in oof_all.items()}}
+def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dict[str, np.ndarray],
+                      oof_without: dict[str, np.ndarray], excluded_pred: dict[str, np.ndarray]) -> dict:
+    """Every model trained with and without the excluded rows (same folds), scored two ways.
+
+    kept rows: both variants' OOF on the rows kept (the narrow view). all rows: on every training
+    row, the excluded ones predicted for the without-variant by its fold models, which never
+    trained on them, exactly as the test set is predicted: the test set holds such photos too, so
+    this is the comparison that says what leaving them out does to a submission.
+    """
+    table = {}
+    for name, p in oof_without.items():
+        merged = np.empty(len(keep))
+        merged[keep], merged[~keep] = p, excluded_pred[name]
+        table[name] = {"kept_rows": {"with": scores(y_all[keep], oof_with[name][keep]),
+                                     "without": scores(y_all[keep], p)},
+                       "all_rows": {"with": scores(y_all, oof_with[name]),
+                                    "without": scores(y_all, merged)}}
+    return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -2705,11 +2733,18 @@ def run(args: argparse.Namespace) -> dict:
     exclusion = None
     if args.exclude:
         keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
-        exclusion = compare_exclusion(described, X, y, fold, keep, heads, args)
+        log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
+                 int((~keep).sum()), len(keep))
+        _, oof_with = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
+                                   test_mode=args.test_mode, log=log.debug)
+        X_all, y_all = X, y
         train_ids = [i for i, k in zip(train_ids, keep) if k]
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
                                  test_mode=args.test_mode, log=log.info)
+    if args.exclude:
+        excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
+        exclusion = compare_exclusion(args.exclude, keep, y_all, oof_with, oof, excluded_pred)
     cv = {name: scores(y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, args.submit_with, args.clip)
     ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None

@@ -82,6 +82,33 @@ def submissions_section(submissions: dict[str, dict], cv: dict[str, dict], run_n
     return lines + ["```", ""]
 
 
+def exclusion_section(ex: dict) -> list[str]:
+    """With and without the excluded photos, on all training rows (the excluded ones predicted as
+    the test set is) and on the kept rows only, and what that says."""
+    models = ex["models"]
+    lines = [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
+             "Same folds. **All rows**: every training photo scored, the excluded ones predicted by "
+             "the fold models that never trained on them, as the test set is predicted (the test set "
+             "holds such photos too). **Kept rows**: only the photos kept, which flatters leaving "
+             "photos out.", "",
+             "| model | all rows: with | all rows: without | change | kept rows: with | kept rows: without | change |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        a, k = m["all_rows"], m["kept_rows"]
+        da = a["without"]["log_loss"] - a["with"]["log_loss"]
+        dk = k["without"]["log_loss"] - k["with"]["log_loss"]
+        lines.append(f"| {name} | {a['with']['log_loss']:.4f} | {a['without']['log_loss']:.4f} | {da:+.4f} | "
+                     f"{k['with']['log_loss']:.4f} | {k['without']['log_loss']:.4f} | {dk:+.4f} |")
+    worse = [n for n, m in models.items() if m["all_rows"]["without"]["log_loss"] > m["all_rows"]["with"]["log_loss"]]
+    kept_better = [n for n, m in models.items()
+                   if m["kept_rows"]["without"]["log_loss"] < m["kept_rows"]["with"]["log_loss"]]
+    verdict = (f"Leaving them out **hurts** {len(worse)} of {len(models)} models on all rows"
+               if worse else f"Leaving them out helps all {len(models)} models on all rows")
+    if worse and kept_better:
+        verdict += f", while the kept rows alone say it helps {len(kept_better)}"
+    return lines + ["", verdict + ".", ""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -108,15 +135,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     if submissions:
         lines += submissions_section(submissions, cv, Path(info["out"]).name)
     if info.get("exclusion"):
-        ex = info["exclusion"]
-        lines += [f"## Without the {ex['n_excluded']} photos excluded by {ex['source']}", "",
-                  "Same folds; both columns scored on the kept photos only.", "",
-                  "| model | CV log loss, trained with them | CV log loss, trained without | change |",
-                  "| --- | --- | --- | --- |"]
-        for name, s in cv.items():
-            before = ex["cv_with_excluded_rows"][name]["log_loss"]
-            lines.append(f"| {name} | {before:.4f} | {s['log_loss']:.4f} | {s['log_loss'] - before:+.4f} |")
-        lines.append("")
+        lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):
         lines += [f"Unreadable photos: {len(info['unreadable'])} (test rows among them get 0.5).", ""]
     lines += [f"![{title}]({file})" for title, file in plots.items()]

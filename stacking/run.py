@@ -98,15 +98,24 @@ def read_exclusions(path: str | Path) -> set[str]:
     return set(df["id"])
 
 
-def compare_exclusion(described, X, y, fold, keep, heads, args) -> dict:
-    """CV of every model trained with and without the excluded rows, on the same folds, both
-    scored on the kept rows only (so the comparison is fair)."""
-    log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
-             int((~keep).sum()), len(keep))
-    _, oof_all = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                              test_mode=args.test_mode, log=log.debug)
-    return {"n_excluded": int((~keep).sum()), "source": str(args.exclude),
-            "cv_with_excluded_rows": {name: scores(y[keep], p[keep]) for name, p in oof_all.items()}}
+def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dict[str, np.ndarray],
+                      oof_without: dict[str, np.ndarray], excluded_pred: dict[str, np.ndarray]) -> dict:
+    """Every model trained with and without the excluded rows (same folds), scored two ways.
+
+    kept rows: both variants' OOF on the rows kept (the narrow view). all rows: on every training
+    row, the excluded ones predicted for the without-variant by its fold models, which never
+    trained on them, exactly as the test set is predicted: the test set holds such photos too, so
+    this is the comparison that says what leaving them out does to a submission.
+    """
+    table = {}
+    for name, p in oof_without.items():
+        merged = np.empty(len(keep))
+        merged[keep], merged[~keep] = p, excluded_pred[name]
+        table[name] = {"kept_rows": {"with": scores(y_all[keep], oof_with[name][keep]),
+                                     "without": scores(y_all[keep], p)},
+                       "all_rows": {"with": scores(y_all, oof_with[name]),
+                                    "without": scores(y_all, merged)}}
+    return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -141,11 +150,18 @@ def run(args: argparse.Namespace) -> dict:
     exclusion = None
     if args.exclude:
         keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
-        exclusion = compare_exclusion(described, X, y, fold, keep, heads, args)
+        log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
+                 int((~keep).sum()), len(keep))
+        _, oof_with = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
+                                   test_mode=args.test_mode, log=log.debug)
+        X_all, y_all = X, y
         train_ids = [i for i, k in zip(train_ids, keep) if k]
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
                                  test_mode=args.test_mode, log=log.info)
+    if args.exclude:
+        excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
+        exclusion = compare_exclusion(args.exclude, keep, y_all, oof_with, oof, excluded_pred)
     cv = {name: scores(y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, args.submit_with, args.clip)
     ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None

@@ -106,9 +106,25 @@ def test_exclusion_is_compared_on_the_same_kept_rows(runs):
     assert not {"cat.3", "dog.7"} & set(oof["id"]) and "dog.8" in set(oof["id"])
     folds_all = pd.read_csv(runs / "a" / "folds.csv", dtype={"id": str}).set_index("id")
     assert (oof.set_index("id")["fold"] == folds_all.loc[oof["id"], "fold"]).all()  # same folds
-    kept = ex["cv_with_excluded_rows"]["stack-lr"]
-    assert kept["n"] == report["cv"]["stack-lr"]["n"] == len(oof)
-    assert "Without the 2 photos excluded" in (runs / "c" / "report.md").read_text()
+    stack = ex["models"]["stack-lr"]
+    assert stack["kept_rows"]["with"]["n"] == stack["kept_rows"]["without"]["n"] == len(oof)
+    assert stack["kept_rows"]["without"] == report["cv"]["stack-lr"]
+    # All rows: the excluded photos count too, predicted as the test set is by the models that
+    # never trained on them (the fold mean, as run c predicts its test set).
+    assert stack["all_rows"]["with"]["n"] == stack["all_rows"]["without"]["n"] == len(oof) + 2
+    from stacking.predict import Predictor
+
+    data = runs / "data" / "train"
+    excluded = [Photo(i, int(i.startswith("dog")), str(data / f"{i}.jpg")) for i in ("cat.3", "dog.7")]
+    p_ex, _ = Predictor(runs / "c" / "model").predict_all(excluded)
+    y_all = np.r_[oof["label"].to_numpy(), [0, 1]]
+    p_all = np.r_[oof["pred"].to_numpy(), p_ex["stack-lr"]]
+    from stacking.submission import scores
+
+    assert stack["all_rows"]["without"]["log_loss"] == pytest.approx(scores(y_all, p_all)["log_loss"], abs=1e-6)
+    md = (runs / "c" / "report.md").read_text()
+    assert "Without the 2 photos excluded" in md and "| model | all rows: with | all rows: without" in md
+    assert "Leaving them out" in md
 
 
 def test_every_model_has_a_kaggle_ready_submission(runs):
