@@ -10,10 +10,15 @@ Detectors (plain functions over arrays, each returning its values and where it f
               of an ImageNet classifier (``efficientnet_lite2_top.keras`` by default);
   label       every model's out-of-fold P(given label) under ``LABEL_P``: probably mislabelled;
   duplicate   cosine similarity of GAP features over ``DUPLICATE_COS`` (within train, train-test).
-A photo is flagged when tiny, label or duplicate (the later of a pair) fires, or when imagenet or
-colour fires and our cat/dog model is unsure too (out-of-fold P(given label) < 0.5): grey photos
-and cats in cages that ImageNet misreads stay. Writes
-``outliers.csv`` (id, label, score, detectors, values, drop=1 to edit) and ``contact_sheet.png``.
+  nonpet      strong "no pet here" evidence of that classifier: little cat+dog probability mass and
+              no cat or dog class near the top (``imagenet_evidence``);
+  far         far from the photos of its own label in GAP-feature space (``feature_outliers``).
+A photo is flagged when tiny, label or duplicate (the later of a pair) fires, when nonpet and far
+both fire, or when one of nonpet, far, imagenet, colour fires and our cat/dog model is unsure too
+(out-of-fold P(given label) < 0.5): grey photos and cats in cages stay. At most ``MAX_FLAGGED`` of
+the photos are flagged, the most suspicious by ``suspicion``, one score that ranks every photo.
+Writes ``outliers.csv`` (id, label, score, detectors, values, drop=1 to edit), ``scores.csv``
+(every photo, ranked), ``contact_sheet.png`` and, with ``--top N``, ``top_N.png``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ IQR_K = 1.5
 TOP_N = 5
 LABEL_P = 0.05
 DUPLICATE_COS = 0.97
+# Chosen by looking at the 200 most suspicious of the 8,017 shared 200 px photos (RESULTS.md).
+NONPET_MASS = 0.1  # cat+dog probability mass under this ...
+NONPET_RANK = 10  # ... and no cat or dog class among this many top classes: little belief in a pet
+OUTLIER_K = 10
+OUTLIER_Z = 4.0  # robust z of the distance to the label's photos: far from every cat (or dog)
+MAX_FLAGGED = 0.01  # flag at most this share of the photos, the most suspicious first
 DOG_CLASSES = np.arange(151, 269)
 CAT_CLASSES = np.arange(281, 286)
 IMAGENET_MODEL = "efficientnet_lite2_top.keras"
@@ -60,6 +71,56 @@ def imagenet_catdog(probs: np.ndarray, top_n: int = TOP_N) -> tuple[np.ndarray, 
     top = np.argsort(-probs, axis=1)[:, :top_n]
     fired = ~np.isin(top, catdog).any(axis=1)
     return probs[:, catdog].sum(axis=1), top[:, 0], fired
+
+
+def imagenet_evidence(probs: np.ndarray, mass_below: float = NONPET_MASS,
+                      rank_over: int = NONPET_RANK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Strong "no cat or dog here" evidence from an ImageNet classifier, on its own.
+
+    Returns (cat+dog probability mass, rank of the best cat or dog class, 0 = top, fired). Fires
+    when the mass is under ``mass_below`` and no cat or dog class is among the top ``rank_over``:
+    both, since a photo with a pet in it keeps some mass on pets even when a cage, a sofa or a
+    person takes the top class."""
+    catdog = np.concatenate([DOG_CLASSES, CAT_CLASSES])
+    order = np.argsort(-probs, axis=1)
+    rank = np.argmax(np.isin(order, catdog), axis=1)
+    mass = probs[:, catdog].sum(axis=1)
+    return mass, rank, (mass < mass_below) & (rank >= rank_over)
+
+
+def feature_outliers(gap: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K,
+                     block: int = 1024) -> np.ndarray:
+    """How far each photo lies from the photos of its own label in GAP-feature space: the mean
+    cosine distance to its ``k`` nearest same-label neighbours, as a robust z-score within the
+    label (median and MAD), so "far" means far for a cat among cats. NaN rows get NaN."""
+    gap = np.asarray(gap, dtype=np.float32)
+    labels = np.asarray(labels)
+    z = np.full(len(gap), np.nan)
+    ok = np.isfinite(gap).all(axis=1)
+    for label in np.unique(labels[ok]):
+        idx = np.flatnonzero(ok & (labels == label))
+        unit = gap[idx] / np.maximum(np.linalg.norm(gap[idx], axis=1, keepdims=True), 1e-12)
+        kk = min(k, len(idx) - 1)
+        if kk < 1:
+            continue
+        dist = np.empty(len(idx))
+        for start in range(0, len(idx), block):
+            sims = unit[start:start + block] @ unit.T
+            np.fill_diagonal(sims[:, start:start + block], -np.inf)  # not its own neighbour
+            nearest = -np.partition(-sims, kk - 1, axis=1)[:, :kk]
+            dist[start:start + block] = 1 - nearest.mean(axis=1)
+        median = np.median(dist)
+        mad = np.median(np.abs(dist - median)) * 1.4826 or 1e-12
+        z[idx] = (dist - median) / mad
+    return z
+
+
+def suspicion(mass: np.ndarray, outlier_z: np.ndarray, p_given_label: np.ndarray) -> np.ndarray:
+    """One score that ranks every photo, most suspicious first: how little of the ImageNet
+    classifier's belief is on pets (log scale), how far the photo lies from its label's photos,
+    and how much our own cat/dog model doubts its label."""
+    return (-np.log10(np.clip(mass, 1e-4, 1)) + np.clip(np.nan_to_num(outlier_z), 0, None) / 4
+            + (1 - p_given_label))
 
 
 def label_issues(labels: np.ndarray, p_dog: np.ndarray, threshold: float = LABEL_P):
@@ -129,8 +190,10 @@ def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS):
 
 
 def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p_dog: np.ndarray,
-                  dup_pairs: list[tuple[int, str, float]]) -> pd.DataFrame:
-    """Combine the detectors into one row per photo with the detectors that fired and a score."""
+                  dup_pairs: list[tuple[int, str, float]], gap: np.ndarray | None = None,
+                  max_flagged: float = MAX_FLAGGED) -> pd.DataFrame:
+    """Combine the detectors into one row per photo with the detectors that fired and a score
+    (``suspicion``); at most ``max_flagged`` of the photos are flagged, the most suspicious."""
     labels = np.array([p.label for p in photos])
     df = table.copy()
     df.insert(0, "id", [p.id for p in photos])
@@ -146,6 +209,10 @@ def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p
     mass, top, fired = imagenet_catdog(np.nan_to_num(probs))
     df["catdog_mass"], df["top_class"] = mass, top
     df["imagenet"] = ok & fired
+    _, rank, nonpet = imagenet_evidence(np.nan_to_num(probs))
+    df["catdog_rank"], df["nonpet"] = rank, ok & nonpet
+    df["outlier_z"] = feature_outliers(gap, labels) if gap is not None else np.nan
+    df["far"] = ok & (df["outlier_z"] > OUTLIER_Z)
     best, wrong = label_issues(labels, p_dog)
     df["p_given_label"], df["label"] = best, labels
     df["label_issue"] = ok & wrong
@@ -154,13 +221,21 @@ def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p
         df.loc[i, "duplicate_of"] = f"{other} ({cos:.3f})"
     df["duplicate"] = df["duplicate_of"] != ""
     df["unreadable"] = ~ok
-    detectors = ["unreadable", "tiny", "imagenet", "label_issue", "duplicate", "colour"]
-    # ImageNet's top classes and the colour rule alone catch many real pets (cats in cages,
-    # dark or grey photos) that our cat/dog model gets right: they flag only with its doubt.
+    detectors = ["unreadable", "tiny", "nonpet", "far", "imagenet", "label_issue", "duplicate", "colour"]
+    # Each of ImageNet's evidence, the GAP outlier score and the colour rule alone catches real
+    # pets (a cat in a sink, behind bars, a dark or grey photo). Together, no belief in a pet and
+    # far from every photo of the label, they find drawings, logos, text and scenes even where our
+    # cat/dog model is sure of the label; alone, they flag only with that model's doubt.
+    doubt = df["p_given_label"] < 0.5
     df["flagged"] = (df[["unreadable", "tiny", "label_issue", "duplicate"]].any(axis=1)
-                     | ((df["imagenet"] | df["colour"]) & (df["p_given_label"] < 0.5)))
+                     | (df["nonpet"] & df["far"])
+                     | (df[["nonpet", "far", "imagenet", "colour"]].any(axis=1) & doubt))
     df["detectors"] = df[detectors].apply(lambda r: ";".join(d for d in detectors if r[d]), axis=1)
-    df["score"] = (df[detectors].sum(axis=1) + (1 - df["catdog_mass"]) + (1 - df["p_given_label"])).round(4)
+    df["score"] = suspicion(mass, df["outlier_z"].to_numpy(), df["p_given_label"].to_numpy()).round(4)
+    df.loc[~ok, "score"] = np.inf  # unreadable: always first
+    cap = int(max_flagged * len(df))
+    order = df[df["flagged"]].sort_values("score", ascending=False).index
+    df.loc[order[cap:], "flagged"] = False
     # A photo whose only fault is a twin in the test set is kept (it is still a good example).
     test_twin_only = (df["detectors"] == "duplicate") & df["duplicate_of"].str.startswith("test/")
     df["drop"] = (df["flagged"] & ~test_twin_only).astype(int)
@@ -183,7 +258,8 @@ def contact_sheet(photos: list[Photo], flagged: pd.DataFrame, path: Path, size: 
             thumb = np.zeros((size, size, 3), np.uint8)
         tile = np.full((size + 34, size, 3), 255, np.uint8)
         tile[:thumb.shape[0], :thumb.shape[1]] = thumb
-        for k, text in enumerate([row["id"], row["detectors"][:30]]):
+        mark = "FLAGGED " if row.get("flagged") else ""
+        for k, text in enumerate([f"{row['id']}  {row['score']:.2f}", (mark + row["detectors"])[:30]]):
             cv2.putText(tile, text, (2, size + 13 + 15 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
                         cv2.LINE_AA)
         tiles.append(tile)
@@ -213,8 +289,10 @@ def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
 
 
 def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None = None,
-          folds: int = 5) -> pd.DataFrame:
-    """Score every training photo, write outliers.csv and contact_sheet.png; returns all rows."""
+          folds: int = 5, top: int = 0, max_flagged: float = MAX_FLAGGED) -> pd.DataFrame:
+    """Score every training photo, write outliers.csv (flagged), scores.csv (every photo, most
+    suspicious first), contact_sheet.png (flagged) and top_<N>.png (the ``top`` most suspicious,
+    flagged or not: what the rule leaves); returns all rows."""
     from oof.crossfit import cross_fit
     from oof.folds import make_folds
     from oof.heads import LogisticHead
@@ -239,13 +317,18 @@ def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None 
     if photos.test:
         test_gap = np.nan_to_num(gap[n:])
         pairs += [(i, f"test/{photos.test[j].id}", c) for i, j, c in near_duplicates(safe, test_gap)]
-    result = find_outliers(photos.train, train_table, probs[:n], p_dog, pairs)
+    result = find_outliers(photos.train, train_table, probs[:n], p_dog, pairs, train_gap, max_flagged)
     out.mkdir(parents=True, exist_ok=True)
-    flagged = result[result["flagged"]].sort_values("score", ascending=False)
+    ranked = result.sort_values("score", ascending=False)
+    flagged = ranked[ranked["flagged"]]
     columns = ["id", "label", "score", "detectors", "drop", "min_side", "colour_ratio", "pixel_std",
-               "catdog_mass", "top_class", "p_given_label", "duplicate_of", "error"]
+               "catdog_mass", "catdog_rank", "top_class", "outlier_z", "p_given_label", "duplicate_of",
+               "error"]
     flagged[columns].to_csv(out / "outliers.csv", index=False)
+    ranked[["flagged", *columns]].to_csv(out / "scores.csv", index=False)
     contact_sheet(photos.train, flagged, out / "contact_sheet.png")
+    if top:
+        contact_sheet(photos.train, ranked.head(top), out / f"top_{top}.png", limit=top)
     return result
 
 
@@ -259,16 +342,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Keras ImageNet classifier (default: {IMAGENET_MODEL} in the weights folder)")
     parser.add_argument("--run", default=None,
                         help="a stacking.run output folder: use its level-1 OOF for label issues")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also draw top_N.png: the N most suspicious photos, flagged or not")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        result = clean(args.data, Path(args.out), args.imagenet_model, args.run)
+        result = clean(args.data, Path(args.out), args.imagenet_model, args.run, top=args.top)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     flagged = result[result["flagged"]]
-    counts = {d: int(result[d].sum()) for d in ("unreadable", "tiny", "colour", "imagenet", "label_issue",
-                                                 "duplicate")}
+    counts = {d: int(result[d].sum()) for d in ("unreadable", "tiny", "colour", "imagenet", "nonpet", "far",
+                                                 "label_issue", "duplicate")}
     print(f"{len(result)} photos; detectors fired: "
           + ", ".join(f"{d} {c}" for d, c in counts.items())
           + f"; flagged {len(flagged)} ({100 * len(flagged) / max(len(result), 1):.1f} %)")
