@@ -312,7 +312,7 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
              backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, precision,
              ex.batch_size, ex.run.streams, failures)
     return {"runtime": ex.run.name, "precision": precision, "batch_size": ex.batch_size,
-            "streams": ex.run.streams,
+            "streams": ex.run.streams, "device_batches": getattr(ex.run, "batches", None),
             "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
 
 

@@ -67,8 +67,9 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
     return "\n".join(lines)
 
 
-def submissions_section(submissions: dict[str, dict], cv: dict[str, dict], run_name: str) -> list[str]:
-    """The per-model Kaggle files with their CV log loss as submitted, and how to submit each."""
+def submissions_section(submissions: dict[str, dict], run: Path) -> list[str]:
+    """The per-model Kaggle files with their CV log loss as submitted, and how to submit each
+    (paths as the run was given, so the lines work from where it was started)."""
     lines = ["## A Kaggle submission for every model", "",
              "Each file is `id,label` for every test photo, clipped where clipping lowers that "
              "model's CV log loss. Submit it from the notebook's Output tab, or with the Kaggle CLI; "
@@ -77,7 +78,7 @@ def submissions_section(submissions: dict[str, dict], cv: dict[str, dict], run_n
     for name, sub in submissions.items():
         lines.append(f"| {name} | `{sub['file']}` | {'yes' if sub['clipped'] else 'no'} | {sub['cv_log_loss']:.4f} |")
     lines += ["", "```bash"]
-    lines += [submit_command(sub["file"], f"gapstack {run_name} {name} (CV {sub['cv_log_loss']:.4f})")
+    lines += [submit_command(run / sub["file"], f"gapstack {run.name} {name} (CV {sub['cv_log_loss']:.4f})")
               for name, sub in submissions.items()]
     return lines + ["```", ""]
 
@@ -118,7 +119,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
     recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
     table = markdown_table(cv, holdout, chosen, leaderboard)
-    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard)
+    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions)
     (out / "report.json").write_text(json.dumps(
         {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
          "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
@@ -133,7 +134,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              f"Submission: **{chosen}**: {reason}"
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
     if submissions:
-        lines += submissions_section(submissions, cv, Path(info["out"]).name)
+        lines += submissions_section(submissions, Path(info["out"]))
     if info.get("exclusion"):
         lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):
@@ -144,7 +145,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
 
 
 def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
-               y: np.ndarray, leaderboard: dict[str, dict] | None = None) -> dict[str, str]:
+               y: np.ndarray, leaderboard: dict[str, dict] | None = None,
+               submissions: dict[str, dict] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,14 +183,14 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
     recorded = {n: lb["public"] for n, lb in (leaderboard or {}).items() if lb.get("public") is not None}
     if recorded:
         fig, ax = plt.subplots(figsize=(6.5, 5))
-        xs = [min(cv[n]["log_loss"], cv[n]["log_loss_clipped"]) for n in recorded]
+        xs = [submissions[n]["cv_log_loss"] if submissions else submitted_loss(cv[n]) for n in recorded]
         ys = list(recorded.values())
         ax.scatter(xs, ys, color=["tab:orange" if n == chosen else "tab:blue" for n in recorded])
         for n, x, v in zip(recorded, xs, ys):
             ax.annotate(n, (x, v), textcoords="offset points", xytext=(4, 4), fontsize="small")
         lo, hi = min(xs + ys), max(xs + ys)
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="leaderboard = CV")
-        ax.set_xlabel("CV log loss (best of clipped / unclipped)")
+        ax.set_xlabel("CV log loss, as the file was submitted (clipped or not)")
         ax.set_ylabel("public leaderboard log loss")
         ax.set_title("CV against the leaderboard")
         ax.legend()

@@ -148,7 +148,7 @@ def test_every_model_has_a_kaggle_ready_submission(runs):
         chosen = pd.read_csv(prediction_path(run / "submissions", report["submit_with"]))
         assert chosen.equals(pd.read_csv(run / "submission.csv"))
         md = (run / "report.md").read_text()
-        assert "kaggle competitions submit -c dogs-vs-cats-redux-kernels-edition -f submissions/" in md
+        assert f"kaggle competitions submit -c dogs-vs-cats-redux-kernels-edition -f {run}/submissions/" in md
 
 
 def _copy_run(runs, name, tmp_path):
