@@ -114,3 +114,26 @@ def test_one_replica_per_device_on_two_logical_devices(small_data):
     batches = eval(lines["batches"])
     assert sum(batches) == 6 and min(batches) >= 1  # 24 photos in batches of 4, on both devices
     assert sorted(map(tuple, eval(lines["placed"]))) == [("device:CPU:0",), ("device:CPU:1",)]
+
+
+GPU_UNUSABLE = """
+import features.runtime as rt
+rt.nvidia_gpu_installed = lambda: True  # as on a machine whose driver sees a GPU
+print("found", rt.accelerators(), rt.accelerators())
+"""
+
+
+def test_start_up_lines_hidden_and_an_unusable_gpu_said_once_in_our_words():
+    """TensorFlow's C++ start-up lines (cudart_stub, cuInit, ...) are not shown; where the driver
+    sees a GPU that TensorFlow cannot use (here: no CUDA at all), one warning of ours says so,
+    with TensorFlow's reason."""
+    out = subprocess.run([sys.executable, "-c", GPU_UNUSABLE], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "found () ()"
+    for noise in ("absl::InitializeLog", "cudart_stub", "E0000", "I0000"):
+        assert noise not in out.stderr, out.stderr
+    said = [l for l in out.stderr.splitlines() if "has an NVIDIA GPU but tensorflow cannot use it" in l]
+    assert len(said) == 1, out.stderr
+    reason = said[0].split("It said: ", 1)[1]  # TensorFlow's own line, without its log prefix
+    assert "cuda" in reason.lower() and "]" not in reason, said[0]
