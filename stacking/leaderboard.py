@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from oof.store import load_oof, prediction_path
-from stacking.report import submitted_loss, write_report
+from stacking.report import write_report
+from stacking.submission import clip_rule
 
 LEADERBOARD = "leaderboard.csv"
 COLUMNS = ["model", "public", "private", "recorded"]
@@ -125,9 +126,10 @@ def table(folders: list[str | Path]) -> pd.DataFrame:
         for name, s in report["cv"].items():
             held = (report.get("holdout") or {}).get(name)
             sub = (report.get("submissions") or {}).get(name)
-            cv = sub["cv_log_loss"] if sub else submitted_loss(s)
-            rows.append({"run": Path(folder).name, "model": name, "cv": cv,
-                         "held_out": min(held["log_loss"], held["log_loss_clipped"]) if held else np.nan,
+            clipped = sub["clipped"] if sub else clip_rule(s)  # both scores as the file is made
+            rows.append({"run": Path(folder).name, "model": name,
+                         "cv": s["log_loss_clipped" if clipped else "log_loss"],
+                         "held_out": held["log_loss_clipped" if clipped else "log_loss"] if held else np.nan,
                          "public": board.get(name, {}).get("public"),
                          "private": board.get(name, {}).get("private"),
                          "submitted": name == report["submit_with"]})
@@ -138,7 +140,7 @@ def markdown(df: pd.DataFrame) -> str:
     def fmt(v):
         return "" if v is None or pd.isna(v) else f"{v:.5f}"
 
-    lines = ["| run | model | CV log loss (as submitted) | held out | public LB | private LB |",
+    lines = ["| run | model | CV log loss (as submitted) | held out (as submitted) | public LB | private LB |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in df.itertuples():
         mark = " **(submission.csv)**" if r.submitted else ""
