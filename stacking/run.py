@@ -24,7 +24,7 @@ import pandas as pd
 from features.cache import StaleCacheError, load_features
 from features.data import DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
-from features.extract import extract, setup_logging
+from features.extract import extract_many, setup_logging
 from features.models import resolve_weights
 from features.registry import get_backbone
 from features.runtime import PRECISIONS
@@ -56,12 +56,14 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
            overwrite: bool, batch_size: int | None = None,
            precision: str = "auto") -> tuple[dict, list[dict], list]:
-    """Features of every backbone from the cache (extracting what is missing), and what made them."""
+    """Features of every backbone from the cache (extracting what is missing, each photo decoded
+    once for all of them), and what made them."""
     loaded, described, unreadable = {}, [], []
+    paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite, tta=tta,
+                         precision=precision)
     for name in backbones:
         backbone = get_backbone(name)
-        path = extract(photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta,
-                       precision=precision)
+        path = paths[backbone.name]
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),

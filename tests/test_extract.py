@@ -171,3 +171,34 @@ def test_precision_is_part_of_the_recipe(small_data, tmp_path):
     with h5py.File(full, "a") as f:  # as written before precision was recorded
         del f.attrs["precision"]
     assert extract(photos, LITE0, cache_dir=tmp_path / "full", progress=False) == full
+
+
+def test_many_backbones_decode_each_photo_once(small_data, tmp_path, monkeypatch):
+    """extract_many: every photo decoded once for all backbones, and each backbone's cache equal to
+    the one extract() makes alone (features, ids, the unreadable photos, the recipe)."""
+    import features.extract as ex_mod
+    from features.cache import RECIPE_KEYS
+    from features.extract import extract_many
+
+    (small_data / "train" / "cat.0.jpg").write_bytes(b"")
+    good = (small_data / "test" / "5.jpg").read_bytes()
+    (small_data / "test" / "5.jpg").write_bytes(good[: len(good) // 3])
+    photos = load_photos(small_data)
+    names = ["efficientnet_lite0", "efficientnet_lite1"]
+    decodes = []
+    real_decode = ex_mod.decode_rgb
+    monkeypatch.setattr(ex_mod, "decode_rgb", lambda data, name, *a: decodes.append(name) or real_decode(data, name, *a))
+    paths = extract_many(photos, names, cache_dir=tmp_path / "many", chunk_size=8, progress=False)
+    assert sorted(decodes) == sorted({p.name for p in photos.train + photos.test})  # once each
+    monkeypatch.undo()
+    for name in names:
+        alone = load_features(extract(photos, name, cache_dir=tmp_path / "one", chunk_size=8, progress=False))
+        many = load_features(paths[name])
+        assert list(many.train_ids) == list(alone.train_ids) and list(many.test_ids) == list(alone.test_ids)
+        np.testing.assert_allclose(many.train, alone.train, atol=1e-6)
+        np.testing.assert_allclose(many.test[many.test_ok], alone.test[alone.test_ok], atol=1e-6)
+        assert many.failed == alone.failed and len(many.failed) == 2
+        assert {k: many.attrs[k] for k in RECIPE_KEYS} == {k: alone.attrs[k] for k in RECIPE_KEYS}
+        assert many.attrs["last_run"]["decoded_once_with"] == names
+    again = extract_many(photos, names, cache_dir=tmp_path / "many", chunk_size=8, progress=False)
+    assert again == paths and read_attrs(paths[names[0]])["last_run"]["decoded_once_with"] == names
