@@ -24,7 +24,7 @@ import pandas as pd
 from features.cache import StaleCacheError, load_features
 from features.data import DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
-from features.extract import extract_many, setup_logging
+from features.extract import extract, extract_many, setup_logging
 from features.models import resolve_weights
 from features.registry import get_backbone
 from features.runtime import PRECISIONS
@@ -54,16 +54,18 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
-           overwrite: bool, batch_size: int | None = None,
-           precision: str = "auto") -> tuple[dict, list[dict], list]:
-    """Features of every backbone from the cache (extracting what is missing, each photo decoded
-    once for all of them), and what made them."""
+           overwrite: bool, batch_size: int | None = None, precision: str = "auto",
+           decode_once: bool = False) -> tuple[dict, list[dict], list]:
+    """Features of every backbone from the cache (extracting what is missing: backbone by backbone,
+    or with ``decode_once`` each photo decoded once for all of them), and what made them."""
     loaded, described, unreadable = {}, [], []
-    paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite, tta=tta,
-                         precision=precision)
+    if decode_once:
+        paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
+                             tta=tta, precision=precision)
     for name in backbones:
         backbone = get_backbone(name)
-        path = paths[backbone.name]
+        path = paths[backbone.name] if decode_once else extract(
+            photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta, precision=precision)
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     # The cache holds every training photo; the holdout is a selection of rows, so changing
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
-                                           args.overwrite, args.batch_size, args.precision)
+                                           args.overwrite, args.batch_size, args.precision,
+                                           args.decode_once)
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -229,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="photos per forward pass (default: the runtime's measured best)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation in extraction")
+    parser.add_argument("--decode-once", action="store_true",
+                        help="decode each photo once for all backbones (for a GPU fast enough that "
+                             "decoding is the bound; on a CPU it does not help: benchmarks/RESULTS.md)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="Keras dtype policy of extraction (auto: mixed_float16 on GPUs with "
                              "tensor cores, else float32; benchmarks/RESULTS.md)")

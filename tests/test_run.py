@@ -203,3 +203,20 @@ def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert leaderboard.main([str(tmp_path), "--record", "stack-lr=0.04"]) == 2
     assert f"{tmp_path}: not a gapstack run (no report.json)" in capsys.readouterr().err
     assert not (tmp_path / "leaderboard.csv").exists()
+
+
+def test_decode_once_gives_the_same_run(runs, tmp_path):
+    """--decode-once (each photo decoded once for all backbones) makes the same features, so every
+    model's CV is the same as run a's."""
+    args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "once"), "--decode-once"]
+    assert run_mod.main(args) == 0
+    once = json.loads((tmp_path / "once" / "report.json").read_text())["cv"]
+    a = json.loads((runs / "a" / "report.json").read_text())["cv"]
+    assert once.keys() == a.keys()
+    for model in a:
+        assert once[model]["log_loss"] == pytest.approx(a[model]["log_loss"], abs=1e-6), model
+    from features.cache import read_attrs
+
+    attrs = read_attrs(tmp_path / "cache" / "gap_efficientnet_lite0.h5")
+    assert attrs["last_run"]["decoded_once_with"] == BACKBONES.split(",")
