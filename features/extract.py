@@ -311,10 +311,7 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
     labels = {p.id: p.label for p in photos.train}
     for backbone, resolved, recipe, path in todo:
         ex = extractors[backbone.name]
-        run = {"runtime": ex.run.name, "precision": ex.precision, "batch_size": ex.batch_size,
-               "streams": ex.run.streams, "device_batches": getattr(ex.run, "batches", None),
-               "workers": ex.workers, "photos": done[backbone.name],
-               "seconds": round(seconds[backbone.name], 3), "decoded_once_with": list(extractors)}
+        run = ex.last_run(done[backbone.name], seconds[backbone.name], decoded_once_with=list(extractors))
         log.info("%s: %d photos in %.1f s (%.1f img/s, %s, %s), photos decoded once for %s",
                  backbone.name, done[backbone.name], seconds[backbone.name],
                  done[backbone.name] / max(seconds[backbone.name], 1e-9), ex.run.name, ex.precision,
@@ -350,6 +347,12 @@ class Extractor:
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
         self.reader = PhotoReader()
+
+    def last_run(self, photos: int, seconds: float, **extra) -> dict:
+        """How a run went, for the cache's ``last_run`` attribute (and its ``runtime``)."""
+        return {"runtime": self.run.name, "precision": self.precision, "batch_size": self.batch_size,
+                "streams": self.run.streams, "device_batches": getattr(self.run, "batches", None),
+                "workers": self.workers, "photos": photos, "seconds": round(seconds, 3), **extra}
 
     def stream(self, batches: list[list[Photo]], reader=None, decoded: DecodedPhotos | None = None):
         """Yield (photos, features, reasons) per batch, in order; features are NaN where the
@@ -430,9 +433,7 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
     log.info("%s: %d photos in %.1f s (%.1f img/s, %s, %s, batch %d, %d stream(s)), %d unreadable",
              backbone.name, total, elapsed, total / max(elapsed, 1e-9), ex.run.name, precision,
              ex.batch_size, ex.run.streams, failures)
-    return {"runtime": ex.run.name, "precision": precision, "batch_size": ex.batch_size,
-            "streams": ex.run.streams, "device_batches": getattr(ex.run, "batches", None),
-            "workers": ex.workers, "photos": total, "seconds": round(elapsed, 3)}
+    return ex.last_run(total, elapsed)
 
 
 def _keras_version() -> str:
