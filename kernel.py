@@ -1694,9 +1694,10 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                  tta: bool = False, progress: bool = True, runtime: str = "auto",
                  precision: str = "auto") -> dict[str, Path]:
     """``extract`` for several backbones in one pass: each photo is decoded once per chunk and
-    resized for every backbone that still needs it (decoding a JPEG costs as much as resizing it,
-    so four backbones do a third less CPU work). Each backbone keeps its own cache, recipe, lock
-    and journal, and gets the cache ``extract`` makes (tested). Returns {backbone name: path}."""
+    resized for every backbone that still needs it. Meant for a GPU fast enough that decoding is
+    the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
+    Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
+    makes (tested). Returns {backbone name: path}."""
     entries = []
     for b in backbones:
         backbone = get_backbone(b) if isinstance(b, str) else b
@@ -2766,10 +2767,13 @@ def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bo
     if decode_once:
         paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
                              tta=tta, precision=precision)
+    else:
+        paths = {get_backbone(name).name: extract(photos, name, weights, cache, batch_size,
+                                                  overwrite=overwrite, tta=tta, precision=precision)
+                 for name in backbones}
     for name in backbones:
         backbone = get_backbone(name)
-        path = paths[backbone.name] if decode_once else extract(
-            photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta, precision=precision)
+        path = paths[backbone.name]
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),

@@ -249,9 +249,10 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                  tta: bool = False, progress: bool = True, runtime: str = "auto",
                  precision: str = "auto") -> dict[str, Path]:
     """``extract`` for several backbones in one pass: each photo is decoded once per chunk and
-    resized for every backbone that still needs it (decoding a JPEG costs as much as resizing it,
-    so four backbones do a third less CPU work). Each backbone keeps its own cache, recipe, lock
-    and journal, and gets the cache ``extract`` makes (tested). Returns {backbone name: path}."""
+    resized for every backbone that still needs it. Meant for a GPU fast enough that decoding is
+    the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
+    Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
+    makes (tested). Returns {backbone name: path}."""
     entries = []
     for b in backbones:
         backbone = get_backbone(b) if isinstance(b, str) else b

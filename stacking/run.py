@@ -62,10 +62,13 @@ def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bo
     if decode_once:
         paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
                              tta=tta, precision=precision)
+    else:
+        paths = {get_backbone(name).name: extract(photos, name, weights, cache, batch_size,
+                                                  overwrite=overwrite, tta=tta, precision=precision)
+                 for name in backbones}
     for name in backbones:
         backbone = get_backbone(name)
-        path = paths[backbone.name] if decode_once else extract(
-            photos, backbone, weights, cache, batch_size, overwrite=overwrite, tta=tta, precision=precision)
+        path = paths[backbone.name]
         loaded[backbone.name] = load_features(path)
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
