@@ -5,6 +5,9 @@ Layout of ``gap_<backbone>.h5`` (the public write-ups' ``train``/``test``/``labe
   test (n_test, D) float32, test_ids, test_ok: every test photo (a row is NaN where ``test_ok`` is
   False, since the submission needs every id);
   failed_split / failed_id / failed_reason: photos that could not be read, and why.
+  imagenet_kernel (D, 1000), imagenet_bias, train_imagenet_logits, test_imagenet_logits: the
+  backbone's ImageNet classifier and its class logits for the same rows, where it has one
+  (``features.imagenet``; attribute ``imagenet_top`` says what it was read from).
   attrs: the recipe (everything that determines the features) and provenance.
 
 HDF5 files are not safe against ``kill -9`` mid-write, so an extraction first writes finished
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from features.imagenet import ImageNetTop
 
 # Bump when a change to extraction changes the features, so older caches count as stale.
 FEATURE_FORMAT = 1
@@ -92,6 +97,9 @@ class Features:
     test_ok: np.ndarray
     attrs: dict = field(default_factory=dict)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
+    top: ImageNetTop | None = None  # the backbone's ImageNet classifier, where the cache has it
+    train_logits: np.ndarray | None = None  # its class logits, rows as train / test
+    test_logits: np.ndarray | None = None
 
 
 def load_features(path: str | Path) -> Features:
@@ -102,10 +110,48 @@ def load_features(path: str | Path) -> Features:
     with h5py.File(path, "r") as f:
         failed = list(zip(f["failed_split"].asstr()[:], f["failed_id"].asstr()[:],
                           f["failed_reason"].asstr()[:]))
+        attrs = _decode_attrs(f)
+        top = logits = None
+        if "imagenet_kernel" in f:
+            top = ImageNetTop(f["imagenet_kernel"][:], f["imagenet_bias"][:], attrs["imagenet_top"])
+            logits = f["train_imagenet_logits"][:], f["test_imagenet_logits"][:]
         return Features(
             train=f["train"][:], label=f["label"][:], train_ids=f["train_ids"].asstr()[:],
             test=f["test"][:], test_ids=f["test_ids"].asstr()[:], test_ok=f["test_ok"][:],
-            attrs=_decode_attrs(f), failed=failed)
+            attrs=attrs, failed=failed, top=top,
+            train_logits=logits[0] if logits else None, test_logits=logits[1] if logits else None)
+
+
+def cached_top(path: str | Path) -> str | None:
+    """What the cache's ImageNet logits were made from (``ImageNetTop.identity``), or None."""
+    return read_attrs(path).get("imagenet_top")
+
+
+def add_imagenet(path: Path, top: ImageNetTop) -> None:
+    """Store ``top`` and its logits for every cached row in the cache (replacing another top's),
+    atomically: a copy is written and renamed over the cache. Call under ``extraction_lock``."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            for split in ("train", "test"):
+                name = f"{split}_imagenet_logits"
+                if name in f:
+                    del f[name]
+                rows = f[split]
+                out = f.create_dataset(name, (len(rows), top.kernel.shape[1]), dtype="float32",
+                                       chunks=(min(256, len(rows)), top.kernel.shape[1])
+                                       if len(rows) else None)
+                for start in range(0, len(rows), 4096):
+                    out[start:start + 4096] = top.logits(rows[start:start + 4096])
+            for name, value in (("imagenet_kernel", top.kernel), ("imagenet_bias", top.bias)):
+                if name in f:
+                    del f[name]
+                f.create_dataset(name, data=value.astype(np.float32))
+            f.attrs["imagenet_top"] = json.dumps(top.identity)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Journal:

@@ -32,9 +32,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from features.data import Photo, PhotoReader, load_photos
-from features.defaults import SEED, WORKERS, default_weights_dir
+from features.data import Photo, PhotoReader, PhotoSet, load_photos
+from features.defaults import CACHE_DIR, SEED, WORKERS, default_weights_dir
 from features.images import ImageError, decode_rgb, resize
+from features.imagenet import CAT_CLASSES, DOG_CLASSES, softmax
 
 TINY_PX = 64
 IQR_K = 1.5
@@ -47,8 +48,6 @@ NONPET_RANK = 10  # ... and no cat or dog class among this many top classes: lit
 OUTLIER_K = 10
 OUTLIER_Z = 4.0  # robust z of the distance to the label's photos: far from every cat (or dog)
 MAX_FLAGGED = 0.01  # flag at most this share of the photos, the most suspicious first
-DOG_CLASSES = np.arange(151, 269)
-CAT_CLASSES = np.arange(281, 286)
 IMAGENET_MODEL = "efficientnet_lite2_top.keras"
 
 
@@ -164,9 +163,35 @@ def imagenet_model(path: str | Path):
     return keras.Model(model.input, keras.layers.Concatenate()([gap, model.output]))
 
 
-def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS):
+def from_cache(photos: PhotoSet, model_path: Path, cache_dir: Path | None):
+    """(GAP features, class probabilities) of every photo (train, then test) from a feature cache
+    that holds this classifier's logits for all of them (``stacking.run`` leaves one), else None."""
+    from features.cache import cache_path, cached_top, load_features
+    from features.models import weights_identity
+
+    if cache_dir is None:
+        return None
+    path = cache_path(cache_dir, model_path.stem.replace("_top", ""))
+    if not path.is_file() or cached_top(path) != weights_identity(model_path):
+        return None
+    f = load_features(path)
+    rows = []
+    for split, photos_ in (("train", photos.train), ("test", photos.test)):
+        ids = f.train_ids if split == "train" else f.test_ids
+        where = {i: k for k, i in enumerate(ids)}
+        if any(p.id not in where for p in photos_):
+            return None
+        k = [where[p.id] for p in photos_]
+        gap, logits = (f.train, f.train_logits) if split == "train" else (f.test, f.test_logits)
+        rows.append((gap[k], logits[k]))
+    gap = np.concatenate([r[0] for r in rows])
+    return gap, softmax(np.concatenate([r[1] for r in rows]))
+
+
+def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS, cached=None):
     """Decode every photo once for sizes and colour, and run the classifier: per-photo table,
-    GAP features and class probabilities (NaN rows where a photo cannot be read)."""
+    GAP features and class probabilities (NaN rows where a photo cannot be read). ``cached``:
+    the features and probabilities already at hand (``from_cache``): no forward pass."""
     from features.extract import Extractor
     from features.registry import backbone_from_file
 
@@ -182,6 +207,8 @@ def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS):
     with ThreadPoolExecutor(workers) as pool:
         rows = list(pool.map(look, photos))
     table = pd.DataFrame(rows, columns=["min_side", "colour_ratio", "pixel_std", "error"])
+    if cached is not None:
+        return table, *cached
     entry = backbone_from_file(model_path)
     model = imagenet_model(model_path)
     out, _ = Extractor(entry, str(model_path), model=model).features(photos)
@@ -289,17 +316,21 @@ def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
 
 
 def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None = None,
-          folds: int = 5, top: int = 0, max_flagged: float = MAX_FLAGGED) -> pd.DataFrame:
+          folds: int = 5, top: int = 0, max_flagged: float = MAX_FLAGGED,
+          cache: Path | None = None) -> pd.DataFrame:
     """Score every training photo, write outliers.csv (flagged), scores.csv (every photo, most
     suspicious first), contact_sheet.png (flagged) and top_<N>.png (the ``top`` most suspicious,
-    flagged or not: what the rule leaves); returns all rows."""
+    flagged or not: what the rule leaves); returns all rows. ``cache``: a feature cache folder
+    whose ``gap_<model>.h5`` already holds the classifier's logits for these photos: read them
+    instead of running the classifier again."""
     from oof.crossfit import cross_fit
     from oof.folds import make_folds
     from oof.heads import LogisticHead
 
     photos = load_photos(data, require_test=False)
     model_path = Path(model_path or default_weights_dir() / IMAGENET_MODEL)
-    table, gap, probs = scan(photos.train + photos.test, model_path)
+    cached = from_cache(photos, model_path, Path(cache) if cache else None)
+    table, gap, probs = scan(photos.train + photos.test, model_path, cached=cached)
     n = len(photos.train)
     train_table, train_gap = table.iloc[:n].reset_index(drop=True), gap[:n]
     ids = [p.id for p in photos.train]
@@ -340,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="clean", help="output folder (default: %(default)s)")
     parser.add_argument("--imagenet-model", default=None,
                         help=f"Keras ImageNet classifier (default: {IMAGENET_MODEL} in the weights folder)")
+    parser.add_argument("--cache", default=str(CACHE_DIR),
+                        help="feature cache folder: where gap_efficientnet_lite2.h5 holds the "
+                             "classifier's logits for these photos, they are read, not recomputed "
+                             "(default: %(default)s)")
     parser.add_argument("--run", default=None,
                         help="a stacking.run output folder: use its level-1 OOF for label issues")
     parser.add_argument("--top", type=int, default=0, metavar="N",
@@ -347,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        result = clean(args.data, Path(args.out), args.imagenet_model, args.run, top=args.top)
+        result = clean(args.data, Path(args.out), args.imagenet_model, args.run, top=args.top,
+                       cache=Path(args.cache))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from features import __version__
-from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, assemble, cache_path,
-                            check_fresh, extraction_lock)
+from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, add_imagenet, assemble,
+                            cache_path, cached_top, check_fresh, extraction_lock)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, decode_rgb, load_for_backbone, resize
+from features.imagenet import load_top, top_identity
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
 from features.runtime import PRECISIONS, RUNTIMES, accelerators, choose_precision, make_forward
@@ -148,7 +149,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
             tta: bool = False, progress: bool = True, runtime: str = "auto",
             shard: tuple[int, int] | None = None, engine: str = "local",
-            ray_address: str | None = None, precision: str = "auto") -> Path:
+            ray_address: str | None = None, precision: str = "auto", imagenet: bool = True) -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
@@ -158,6 +159,8 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
     ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
+    ``imagenet``: also cache the backbone's ImageNet class logits where its top is at hand
+    (``add_top``; not for a shard: the merged cache gets them on its first use).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -170,16 +173,38 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError("--engine ray extracts in float32 only")
     recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
-    if _reusable(path, recipe, overwrite):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with extraction_lock(path, log):
-        # Another process may have made it while we waited for the lock.
-        if _reusable(path, recipe, overwrite):
-            return path
-        _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                 fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+    if not _reusable(path, recipe, overwrite):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with extraction_lock(path, log):
+            # Another process may have made it while we waited for the lock.
+            if not _reusable(path, recipe, overwrite):
+                _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
+                         fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+    if imagenet and shard is None:
+        add_top(path, backbone, resolved)
     return path
+
+
+def add_top(path: Path, backbone: Backbone, resolved) -> bool:
+    """Give the cache the backbone's ImageNet classifier and class logits, if its top is at hand
+    and the cache lacks this one; True when the cache has them afterwards. The top is a Dense on
+    the GAP features, so its logits come from the cached rows: no pass over the photos."""
+    identity = top_identity(backbone, resolved)
+    if identity is None:
+        return False
+    if cached_top(path) == identity:
+        return True
+    with extraction_lock(path, log):
+        if cached_top(path) == identity:
+            return True
+        started = time.perf_counter()
+        top = load_top(backbone, resolved)
+        if top is None:
+            return False
+        add_imagenet(path, top)
+    log.info("%s: ImageNet classifier of %s cached with its class logits (%.1f s)", path,
+             backbone.name, time.perf_counter() - started)
+    return True
 
 
 def _reusable(path: Path, recipe: dict, overwrite: bool) -> bool:
@@ -247,7 +272,7 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                  cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None,
                  workers: int = WORKERS, overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK,
                  tta: bool = False, progress: bool = True, runtime: str = "auto",
-                 precision: str = "auto") -> dict[str, Path]:
+                 precision: str = "auto", imagenet: bool = True) -> dict[str, Path]:
     """``extract`` for several backbones in one pass: each photo is decoded once per chunk and
     resized for every backbone that still needs it. Meant for a GPU fast enough that decoding is
     the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
@@ -271,7 +296,8 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                 _extract_together(photos, todo, batch_size, workers, chunk_size, tta, progress, runtime)
     # What is left (one backbone, or none) goes the usual way; made caches are found fresh.
     return {e[0].name: extract(photos, e[0], e[1], cache_dir, batch_size, workers, overwrite, chunk_size,
-                               tta=tta, progress=progress, runtime=runtime, precision=precision)
+                               tta=tta, progress=progress, runtime=runtime, precision=precision,
+                               imagenet=imagenet)
             for e in entries}
 
 
@@ -474,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-decode", action="store_true",
                         help="decode large JPEGs at reduced size (faster, features differ slightly)")
     parser.add_argument("--overwrite", action="store_true", help="recompute a stale cache")
+    parser.add_argument("--no-imagenet", action="store_true",
+                        help="do not cache the backbone's ImageNet class logits (cached by default "
+                             "where its top weights are at hand)")
     parser.add_argument("--no-test", action="store_true", help="allow data with no test split")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="extract only shard I of N into its own file (join with python -m features.merge)")
@@ -490,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         path = extract(photos, args.backbone, weights, args.cache, args.batch_size, args.workers,
                        args.overwrite, args.chunk_size, args.fast_decode, args.tta,
                        runtime=args.runtime, shard=shard, engine=args.engine,
-                       ray_address=args.ray_address, precision=args.precision)
+                       ray_address=args.ray_address, precision=args.precision,
+                       imagenet=not args.no_imagenet)
     except (ValueError, KeyError, FileNotFoundError, StaleCacheError, RuntimeError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,10 @@ class Backbone:
     weights_file: the file name to look for when a weights *folder* is given.
     resize: interpolation used to bring the photo to ``input_size``.
     feature_layer: layer whose output is the last feature map (None: the model's output).
+    top_weights_file: the file of the same network with its ImageNet classifier (a Dense layer on
+        the GAP features), looked up beside the weights; None when the top is not a Dense on the
+        GAP (ConvNeXt normalises first) or not published. With "imagenet" weights Keras
+        downloads it. Gives the ``<backbone>/imagenet`` level-1 model (``features.imagenet``).
     """
 
     name: str
@@ -43,6 +47,7 @@ class Backbone:
     weights_file: str
     resize: str = "area"
     feature_layer: str | None = None
+    top_weights_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS_MODES:
@@ -62,9 +67,9 @@ class Backbone:
         return self.constructor is None
 
 
-def _app(name, ctor, size, preprocess, dim, weights_file, **kw) -> Backbone:
+def _app(name, ctor, size, preprocess, dim, weights_file, top_file=None, **kw) -> Backbone:
     return Backbone(name, f"keras.applications.{ctor}", (size, size), preprocess, dim,
-                    "imagenet", weights_file, **kw)
+                    "imagenet", weights_file, top_weights_file=top_file, **kw)
 
 
 def _lite(n: int, size: int) -> Backbone:
@@ -72,24 +77,32 @@ def _lite(n: int, size: int) -> Backbone:
     # architecture saved by a newer Keras does not load in the older ones Kaggle runs.
     fname = f"efficientnet_lite{n}_notop.keras"
     return Backbone(f"efficientnet_lite{n}", f"features.efficientnet_lite.EfficientNetLite{n}",
-                    (size, size), "none", 1280, fname, fname)
+                    (size, size), "none", 1280, fname, fname,
+                    top_weights_file=f"efficientnet_lite{n}_top.keras")
 
 
+# Keras release file names: the notop file, and the one with the ImageNet classifier.
+_TOP = "_weights_tf_dim_ordering_tf_kernels.h5"
 _KERAS = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in [
         # The public write-ups' four.
-        _app("resnet50", "ResNet50", 224, "caffe", 2048, "resnet50" + _KERAS),
-        _app("inception_v3", "InceptionV3", 299, "tf", 2048, "inception_v3" + _KERAS),
-        _app("xception", "Xception", 299, "tf", 2048, "xception" + _KERAS),
+        _app("resnet50", "ResNet50", 224, "caffe", 2048, "resnet50" + _KERAS, "resnet50" + _TOP),
+        _app("inception_v3", "InceptionV3", 299, "tf", 2048, "inception_v3" + _KERAS,
+             "inception_v3" + _TOP),
+        _app("xception", "Xception", 299, "tf", 2048, "xception" + _KERAS, "xception" + _TOP),
         _app("inception_resnet_v2", "InceptionResNetV2", 299, "tf", 1536,
-             "inception_resnet_v2" + _KERAS),
+             "inception_resnet_v2" + _KERAS, "inception_resnet_v2" + _TOP),
         # Newer Keras applications (they normalise inside the model).
-        _app("densenet121", "DenseNet121", 224, "torch", 1024, "densenet121" + _KERAS),
-        _app("efficientnetv2_b0", "EfficientNetV2B0", 224, "none", 1280, "efficientnetv2-b0_notop.h5"),
-        _app("efficientnetv2_s", "EfficientNetV2S", 384, "none", 1280, "efficientnetv2-s_notop.h5"),
+        _app("densenet121", "DenseNet121", 224, "torch", 1024, "densenet121" + _KERAS,
+             "densenet121" + _TOP),
+        _app("efficientnetv2_b0", "EfficientNetV2B0", 224, "none", 1280, "efficientnetv2-b0_notop.h5",
+             "efficientnetv2-b0.h5"),
+        _app("efficientnetv2_s", "EfficientNetV2S", 384, "none", 1280, "efficientnetv2-s_notop.h5",
+             "efficientnetv2-s.h5"),
+        # ConvNeXt's classifier normalises the GAP features first: no linear top, no prior.
         _app("convnext_tiny", "ConvNeXtTiny", 224, "none", 768, "convnext_tiny_notop.h5"),
         # EfficientNet-Lite: weights shipped as .keras files (see shared/README.md).
         _lite(0, 224),
@@ -120,7 +133,8 @@ def backbone_from_file(path: str | Path) -> Backbone:
 
     path = Path(path)
     size, dim = describe_model_file(path)
-    return Backbone(path.stem, None, size, "none", dim, str(path), path.name)
+    top = path.name.replace("_notop.keras", "_top.keras") if path.name.endswith("_notop.keras") else None
+    return Backbone(path.stem, None, size, "none", dim, str(path), path.name, top_weights_file=top)
 
 
 def with_overrides(backbone: Backbone, **changes) -> Backbone:
