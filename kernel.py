@@ -130,6 +130,10 @@ class Backbone:
     weights_file: the file name to look for when a weights *folder* is given.
     resize: interpolation used to bring the photo to ``input_size``.
     feature_layer: layer whose output is the last feature map (None: the model's output).
+    top_weights_file: the file of the same network with its ImageNet classifier (a Dense layer on
+        the GAP features), looked up beside the weights; None when the top is not a Dense on the
+        GAP (ConvNeXt normalises first) or not published. With "imagenet" weights Keras
+        downloads it. Gives the ``<backbone>/imagenet`` level-1 model (``features.imagenet``).
     """
 
     name: str
@@ -141,6 +145,7 @@ class Backbone:
     weights_file: str
     resize: str = "area"
     feature_layer: str | None = None
+    top_weights_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS_MODES:
@@ -160,9 +165,9 @@ class Backbone:
         return self.constructor is None
 
 
-def _app(name, ctor, size, preprocess, dim, weights_file, **kw) -> Backbone:
+def _app(name, ctor, size, preprocess, dim, weights_file, top_file=None, **kw) -> Backbone:
     return Backbone(name, f"keras.applications.{ctor}", (size, size), preprocess, dim,
-                    "imagenet", weights_file, **kw)
+                    "imagenet", weights_file, top_weights_file=top_file, **kw)
 
 
 def _lite(n: int, size: int) -> Backbone:
@@ -170,24 +175,32 @@ def _lite(n: int, size: int) -> Backbone:
     # architecture saved by a newer Keras does not load in the older ones Kaggle runs.
     fname = f"efficientnet_lite{n}_notop.keras"
     return Backbone(f"efficientnet_lite{n}", f"features.efficientnet_lite.EfficientNetLite{n}",
-                    (size, size), "none", 1280, fname, fname)
+                    (size, size), "none", 1280, fname, fname,
+                    top_weights_file=f"efficientnet_lite{n}_top.keras")
 
 
+# Keras release file names: the notop file, and the one with the ImageNet classifier.
+_TOP = "_weights_tf_dim_ordering_tf_kernels.h5"
 _KERAS = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in [
         # The public write-ups' four.
-        _app("resnet50", "ResNet50", 224, "caffe", 2048, "resnet50" + _KERAS),
-        _app("inception_v3", "InceptionV3", 299, "tf", 2048, "inception_v3" + _KERAS),
-        _app("xception", "Xception", 299, "tf", 2048, "xception" + _KERAS),
+        _app("resnet50", "ResNet50", 224, "caffe", 2048, "resnet50" + _KERAS, "resnet50" + _TOP),
+        _app("inception_v3", "InceptionV3", 299, "tf", 2048, "inception_v3" + _KERAS,
+             "inception_v3" + _TOP),
+        _app("xception", "Xception", 299, "tf", 2048, "xception" + _KERAS, "xception" + _TOP),
         _app("inception_resnet_v2", "InceptionResNetV2", 299, "tf", 1536,
-             "inception_resnet_v2" + _KERAS),
+             "inception_resnet_v2" + _KERAS, "inception_resnet_v2" + _TOP),
         # Newer Keras applications (they normalise inside the model).
-        _app("densenet121", "DenseNet121", 224, "torch", 1024, "densenet121" + _KERAS),
-        _app("efficientnetv2_b0", "EfficientNetV2B0", 224, "none", 1280, "efficientnetv2-b0_notop.h5"),
-        _app("efficientnetv2_s", "EfficientNetV2S", 384, "none", 1280, "efficientnetv2-s_notop.h5"),
+        _app("densenet121", "DenseNet121", 224, "torch", 1024, "densenet121" + _KERAS,
+             "densenet121" + _TOP),
+        _app("efficientnetv2_b0", "EfficientNetV2B0", 224, "none", 1280, "efficientnetv2-b0_notop.h5",
+             "efficientnetv2-b0.h5"),
+        _app("efficientnetv2_s", "EfficientNetV2S", 384, "none", 1280, "efficientnetv2-s_notop.h5",
+             "efficientnetv2-s.h5"),
+        # ConvNeXt's classifier normalises the GAP features first: no linear top, no prior.
         _app("convnext_tiny", "ConvNeXtTiny", 224, "none", 768, "convnext_tiny_notop.h5"),
         # EfficientNet-Lite: weights shipped as .keras files (see shared/README.md).
         _lite(0, 224),
@@ -217,7 +230,8 @@ def backbone_from_file(path: str | Path) -> Backbone:
 
     path = Path(path)
     size, dim = describe_model_file(path)
-    return Backbone(path.stem, None, size, "none", dim, str(path), path.name)
+    top = path.name.replace("_notop.keras", "_top.keras") if path.name.endswith("_notop.keras") else None
+    return Backbone(path.stem, None, size, "none", dim, str(path), path.name, top_weights_file=top)
 
 
 def with_overrides(backbone: Backbone, **changes) -> Backbone:
@@ -572,6 +586,99 @@ def build_gap_model(backbone: Backbone, weights: str | Path | None = "default",
         if precision != "float32":  # features leave in float32 whatever the policy computed in
             out = keras.layers.Activation("linear", dtype="float32", name="features")(out)
         return keras.Model(fmap.input, out, name=f"{backbone.name}_gap")
+
+
+# ==================== features/imagenet.py ====================
+# Each backbone's own ImageNet classifier, kept as what it is: a Dense layer on the GAP features.
+
+log = logging.getLogger("gapstack")
+
+# ImageNet-1k class indices: dog breeds and domestic cats (both contiguous).
+DOG_CLASSES = np.arange(151, 269)
+CAT_CLASSES = np.arange(281, 286)
+DOGS, CATS = slice(151, 269), slice(281, 286)
+
+
+@dataclass(frozen=True)
+class ImageNetTop:
+    """The classifier on a backbone's GAP features: logits = gap @ kernel + bias.
+    identity: what it was read from (a file's md5, or the Keras release), for the cache."""
+
+    kernel: np.ndarray  # (feature_dim, 1000)
+    bias: np.ndarray  # (1000,)
+    identity: str
+
+    def logits(self, gap: np.ndarray) -> np.ndarray:
+        """(n, 1000) class logits of GAP feature rows (NaN rows stay NaN)."""
+        return (np.asarray(gap, np.float32) @ self.kernel + self.bias).astype(np.float32)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    top = z.max(axis=-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """ImageNet class probabilities from cached logits."""
+    return np.exp(log_softmax(logits))
+
+
+def top_weights(backbone: Backbone, weights="default") -> str | None:
+    """Where this backbone's ImageNet top comes from, or None when there is none at hand:
+    "imagenet" (Keras downloads it), or the ``top_weights_file`` found where the weights are
+    (the default weights folder, the given folder or one level below, or beside the given file)."""
+    name = backbone.top_weights_file
+    if name is None or weights is None:
+        return None
+    if weights == "imagenet" or (weights == "default" and backbone.weights == "imagenet"):
+        return None if backbone.is_file else "imagenet"
+    if weights == "default":
+        weights = Path(backbone.weights) if Path(backbone.weights).is_absolute() else default_weights_dir()
+    path = Path(weights)
+    folders = [path, *path.glob("*/")] if path.is_dir() else [path.parent]
+    found = next((f / name for f in folders if (f / name).is_file()), None)
+    return str(found) if found else None
+
+
+def top_identity(backbone: Backbone, weights="default") -> str | None:
+    """The identity of the top ``load_top`` would read (a file's md5: no network is built)."""
+    source = top_weights(backbone, weights)
+    return None if source is None else weights_identity(source)
+
+
+def load_top(backbone: Backbone, weights="default") -> ImageNetTop | None:
+    """The backbone's ImageNet classifier as (kernel, bias), or None when it has none here.
+
+    The network is built with its top and the last layer read; it must be a Dense on the global
+    average pool (Dropout between is the identity at inference), the same GAP our features are,
+    else there is no prior (a warning says why)."""
+    import keras
+
+    source = top_weights(backbone, weights)
+    if source is None:
+        return None
+    with dtype_policy("float32"):
+        if backbone.is_file:
+            model = _load_keras_file(source)
+        else:
+            model = _constructor(backbone.constructor)(
+                include_top=True, weights=source, input_shape=(*backbone.input_size, 3))
+    dense, before = model.layers[-1], [l for l in model.layers[:-1]
+                                       if not isinstance(l, keras.layers.Dropout)][-1]
+    if not isinstance(dense, keras.layers.Dense) or not isinstance(
+            before, keras.layers.GlobalAveragePooling2D):
+        log.warning("%s: its classifier is not a Dense layer on the global average pool "
+                    "(%s after %s); no ImageNet prior for %s", source, type(dense).__name__,
+                    type(before).__name__, backbone.name)
+        return None
+    kernel, bias = (np.asarray(w, np.float32) for w in dense.get_weights())
+    if kernel.shape[0] != backbone.feature_dim or kernel.shape[1] != 1000:
+        log.warning("%s: classifier kernel %s does not map %d GAP features to 1000 ImageNet "
+                    "classes; no ImageNet prior for %s", source, kernel.shape, backbone.feature_dim,
+                    backbone.name)
+        return None
+    return ImageNetTop(kernel, bias, weights_identity(source))
 
 
 # ==================== features/images.py ====================
@@ -934,6 +1041,9 @@ class Features:
     test_ok: np.ndarray
     attrs: dict = field(default_factory=dict)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
+    top: ImageNetTop | None = None  # the backbone's ImageNet classifier, where the cache has it
+    train_logits: np.ndarray | None = None  # its class logits, rows as train / test
+    test_logits: np.ndarray | None = None
 
 
 def load_features(path: str | Path) -> Features:
@@ -944,10 +1054,48 @@ def load_features(path: str | Path) -> Features:
     with h5py.File(path, "r") as f:
         failed = list(zip(f["failed_split"].asstr()[:], f["failed_id"].asstr()[:],
                           f["failed_reason"].asstr()[:]))
+        attrs = _decode_attrs(f)
+        top = logits = None
+        if "imagenet_kernel" in f:
+            top = ImageNetTop(f["imagenet_kernel"][:], f["imagenet_bias"][:], attrs["imagenet_top"])
+            logits = f["train_imagenet_logits"][:], f["test_imagenet_logits"][:]
         return Features(
             train=f["train"][:], label=f["label"][:], train_ids=f["train_ids"].asstr()[:],
             test=f["test"][:], test_ids=f["test_ids"].asstr()[:], test_ok=f["test_ok"][:],
-            attrs=_decode_attrs(f), failed=failed)
+            attrs=attrs, failed=failed, top=top,
+            train_logits=logits[0] if logits else None, test_logits=logits[1] if logits else None)
+
+
+def cached_top(path: str | Path) -> str | None:
+    """What the cache's ImageNet logits were made from (``ImageNetTop.identity``), or None."""
+    return read_attrs(path).get("imagenet_top")
+
+
+def add_imagenet(path: Path, top: ImageNetTop) -> None:
+    """Store ``top`` and its logits for every cached row in the cache (replacing another top's),
+    atomically: a copy is written and renamed over the cache. Call under ``extraction_lock``."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            for split in ("train", "test"):
+                name = f"{split}_imagenet_logits"
+                if name in f:
+                    del f[name]
+                rows = f[split]
+                out = f.create_dataset(name, (len(rows), top.kernel.shape[1]), dtype="float32",
+                                       chunks=(min(256, len(rows)), top.kernel.shape[1])
+                                       if len(rows) else None)
+                for start in range(0, len(rows), 4096):
+                    out[start:start + 4096] = top.logits(rows[start:start + 4096])
+            for name, value in (("imagenet_kernel", top.kernel), ("imagenet_bias", top.bias)):
+                if name in f:
+                    del f[name]
+                f.create_dataset(name, data=value.astype(np.float32))
+            f.attrs["imagenet_top"] = json.dumps(top.identity)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Journal:
@@ -1138,8 +1286,6 @@ class ShardFile:
 
 # ==================== features/runtime.py ====================
 # Where the forward pass runs: ONNX Runtime on CPU when it is available and agrees with Keras,
-
-log = logging.getLogger("gapstack")
 
 RUNTIMES = ("auto", "onnx", "keras")
 OPSET = 17
@@ -1593,7 +1739,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
             overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK, fast_decode: bool = False,
             tta: bool = False, progress: bool = True, runtime: str = "auto",
             shard: tuple[int, int] | None = None, engine: str = "local",
-            ray_address: str | None = None, precision: str = "auto") -> Path:
+            ray_address: str | None = None, precision: str = "auto", imagenet: bool = True) -> Path:
     """Extract (or reuse) the GAP features of every photo; returns the cache file's path.
 
     A cache made with the same recipe is reused; one made differently raises
@@ -1603,6 +1749,8 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
     ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
+    ``imagenet``: also cache the backbone's ImageNet class logits where its top is at hand
+    (``add_top``; not for a shard: the merged cache gets them on its first use).
     """
     if (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be positive")
@@ -1615,16 +1763,38 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError("--engine ray extracts in float32 only")
     recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
-    if _reusable(path, recipe, overwrite):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with extraction_lock(path, log):
-        # Another process may have made it while we waited for the lock.
-        if _reusable(path, recipe, overwrite):
-            return path
-        _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                 fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+    if not _reusable(path, recipe, overwrite):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with extraction_lock(path, log):
+            # Another process may have made it while we waited for the lock.
+            if not _reusable(path, recipe, overwrite):
+                _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
+                         fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+    if imagenet and shard is None:
+        add_top(path, backbone, resolved)
     return path
+
+
+def add_top(path: Path, backbone: Backbone, resolved) -> bool:
+    """Give the cache the backbone's ImageNet classifier and class logits, if its top is at hand
+    and the cache lacks this one; True when the cache has them afterwards. The top is a Dense on
+    the GAP features, so its logits come from the cached rows: no pass over the photos."""
+    identity = top_identity(backbone, resolved)
+    if identity is None:
+        return False
+    if cached_top(path) == identity:
+        return True
+    with extraction_lock(path, log):
+        if cached_top(path) == identity:
+            return True
+        started = time.perf_counter()
+        top = load_top(backbone, resolved)
+        if top is None:
+            return False
+        add_imagenet(path, top)
+    log.info("%s: ImageNet classifier of %s cached with its class logits (%.1f s)", path,
+             backbone.name, time.perf_counter() - started)
+    return True
 
 
 def _reusable(path: Path, recipe: dict, overwrite: bool) -> bool:
@@ -1692,7 +1862,7 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                  cache_dir: str | Path = CACHE_DIR, batch_size: int | None = None,
                  workers: int = WORKERS, overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK,
                  tta: bool = False, progress: bool = True, runtime: str = "auto",
-                 precision: str = "auto") -> dict[str, Path]:
+                 precision: str = "auto", imagenet: bool = True) -> dict[str, Path]:
     """``extract`` for several backbones in one pass: each photo is decoded once per chunk and
     resized for every backbone that still needs it. Meant for a GPU fast enough that decoding is
     the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
@@ -1716,7 +1886,8 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
                 _extract_together(photos, todo, batch_size, workers, chunk_size, tta, progress, runtime)
     # What is left (one backbone, or none) goes the usual way; made caches are found fresh.
     return {e[0].name: extract(photos, e[0], e[1], cache_dir, batch_size, workers, overwrite, chunk_size,
-                               tta=tta, progress=progress, runtime=runtime, precision=precision)
+                               tta=tta, progress=progress, runtime=runtime, precision=precision,
+                               imagenet=imagenet)
             for e in entries}
 
 
@@ -1989,6 +2160,20 @@ except ImportError:  # scikit-learn < 1.6 (older Kaggle images): the same check 
         return estimator._validate_data(X, y, reset=reset, **kwargs)
 
 
+def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: int):
+    """(scaler, logistic regression, C used) on standardised ``X``; C "auto": the one of ``Cs``
+    with the lowest inner stratified 3-fold CV log loss on these rows."""
+    scaler = StandardScaler().fit(X)
+    Z = scaler.transform(X)
+    if C == "auto":
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
+            warnings.simplefilter("ignore", FutureWarning)
+            lr = LogisticRegressionCV(Cs=list(Cs), cv=3, scoring="neg_log_loss",
+                                      max_iter=max_iter).fit(Z, target)
+        return scaler, lr, float(np.ravel(lr.C_)[0])
+    return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
+
+
 class BinaryClassifier(ClassifierMixin, BaseEstimator):
     """What our binary estimators share: classes, predict from P(class 1), tags."""
 
@@ -2042,17 +2227,8 @@ class LogisticHead(BinaryClassifier):
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
         target = self._set_classes(y)
-        self.scaler_ = StandardScaler().fit(X)
-        Z = self.scaler_.transform(X)
-        if self.C == "auto":
-            with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
-                warnings.simplefilter("ignore", FutureWarning)
-                self.lr_ = LogisticRegressionCV(Cs=list(self.Cs), cv=3, scoring="neg_log_loss",
-                                                max_iter=self.max_iter).fit(Z, target)
-            self.C_ = float(np.ravel(self.lr_.C_)[0])
-        else:
-            self.lr_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(Z, target)
-            self.C_ = float(self.C)
+        self.scaler_, self.lr_, self.C_ = fit_standardised_logistic(X, target, self.C, self.Cs,
+                                                                    self.max_iter)
         self.n_iter_ = np.max(self.lr_.n_iter_)
         return self
 
@@ -2133,6 +2309,111 @@ def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     if isinstance(head, KerasHead):
         return head.mean_, head.scale_, head.coef_, head.intercept_
     return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])
+
+
+# ==================== oof/prior.py ====================
+# The ImageNet prior: a level-1 model on what a backbone's own ImageNet classifier says.
+
+# The prior's inputs, each a function of the class logits z:
+#   ratio:  log P(dog breeds) - log P(cats), one number: the classifier's own cat-or-dog odds;
+#   masses: log P(dog breeds), log P(cats): also how much it believes in a pet at all;
+#   pets:   log P(c) of each of the 123 dog and cat classes: which breed, calibrated.
+FEATURES = ("ratio", "masses", "pets")
+PETS = np.r_[np.arange(DOGS.start, DOGS.stop), np.arange(CATS.start, CATS.stop)]
+
+
+def _lse(z: np.ndarray, cols=slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """(log sum exp of z[:, cols], softmax over those columns: its gradient in z[:, cols])."""
+    part = z[:, cols]
+    top = part.max(axis=1, keepdims=True)
+    e = np.exp(part - top)
+    total = e.sum(axis=1, keepdims=True)
+    return (top + np.log(total))[:, 0], e / total
+
+
+def prior_features(z: np.ndarray, kind: str) -> np.ndarray:
+    """The prior's inputs (n, k) from class logits z (n, 1000)."""
+    z = np.asarray(z, np.float64)
+    if kind not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}; got {kind!r}")
+    dog, _ = _lse(z, DOGS)
+    cat, _ = _lse(z, CATS)
+    if kind == "ratio":
+        return (dog - cat)[:, None]
+    every, _ = _lse(z)
+    if kind == "masses":
+        return np.column_stack([dog - every, cat - every])
+    return z[:, PETS] - every[:, None]
+
+
+def prior_jacobian(z: np.ndarray, kind: str) -> np.ndarray:
+    """d prior_features / dz for one row of logits: (k, 1000)."""
+    z = np.asarray(z, np.float64)[None, :]
+    _, p_dog = _lse(z, DOGS)
+    _, p_cat = _lse(z, CATS)
+    _, p_all = _lse(z)
+    d_dog, d_cat = np.zeros(z.shape[1]), np.zeros(z.shape[1])
+    d_dog[DOGS], d_cat[CATS] = p_dog[0], p_cat[0]
+    if kind == "ratio":
+        return (d_dog - d_cat)[None, :]
+    if kind == "masses":
+        return np.stack([d_dog - p_all[0], d_cat - p_all[0]])
+    jac = -np.tile(p_all[0], (len(PETS), 1))
+    jac[np.arange(len(PETS)), PETS] += 1.0
+    return jac
+
+
+class ImageNetPrior(BinaryClassifier):
+    """Logistic regression on the ImageNet classifier's pet log-probabilities; input: GAP features.
+
+    Parameters
+    ----------
+    top : ImageNetTop, the backbone's classifier (kernel, bias) on its GAP features.
+    features : one of ``FEATURES``, what the regression sees.
+    C : float or "auto", inverse regularisation; "auto" picks one of ``Cs`` by inner 3-fold CV.
+    Cs : tuple of float, the candidates for "auto".
+    """
+
+    def __init__(self, top: ImageNetTop | None = None, features: str = "ratio",
+                 C: float | str = "auto", Cs: tuple = (0.01, 0.1, 1.0, 10.0, 100.0)):
+        self.top = top
+        self.features = features
+        self.C = C
+        self.Cs = Cs
+
+    def _inputs(self, X) -> np.ndarray:
+        if self.top is None:
+            raise ValueError("ImageNetPrior needs the backbone's classifier (top=ImageNetTop)")
+        if X.shape[1] != self.top.kernel.shape[0]:
+            raise ValueError(f"ImageNetPrior: {X.shape[1]} features given, the classifier takes "
+                             f"{self.top.kernel.shape[0]}")
+        return prior_features(self.top.logits(X), self.features)
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        target = self._set_classes(y)
+        self.scaler_, self.lr_, self.C_ = fit_standardised_logistic(self._inputs(X), target, self.C,
+                                                                    self.Cs, 3000)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return self.lr_.decision_function(self.scaler_.transform(self._inputs(X)))
+
+    def linear_on_features(self) -> tuple[np.ndarray, float]:
+        """(w, b) with logit = prior_features @ w + b (the scaler folded in)."""
+        check_is_fitted(self)
+        w = self.lr_.coef_[0] / self.scaler_.scale_
+        return w, float(self.lr_.intercept_[0] - self.scaler_.mean_ @ w)
+
+    def feature_gradient(self, x: np.ndarray) -> np.ndarray:
+        """d logit / d GAP features at one row ``x``: what the class activation map spreads over
+        positions (the logit is not linear in the features, so the map is first-order, around
+        the photo's own GAP, and still exact in its mean)."""
+        w, _ = self.linear_on_features()
+        z = self.top.logits(np.asarray(x, np.float32)[None, :])[0]
+        return self.top.kernel.astype(np.float64) @ (w @ prior_jacobian(z, self.features))
 
 
 # ==================== oof/crossfit.py ====================
@@ -2420,6 +2701,7 @@ STACKERS = {
 # The two-level ensemble: fitting every model on the same folds, and the saved artefact.
 
 CONCAT = "concat-fusion"
+PRIOR = "imagenet"  # level-1 name "<backbone>/imagenet": the backbone's ImageNet prior
 
 
 @dataclass
@@ -2496,16 +2778,20 @@ def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
 def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.ndarray,
                  fold: np.ndarray, heads: list[str], concat_fusion: bool = True,
                  stackers: list[str] | None = None, test_mode: str = "fold_mean",
-                 head_params: dict | None = None, log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
-    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog)."""
+                 head_params: dict | None = None, tops: dict | None = None,
+                 log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
+    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
+    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior."""
     head_params = head_params or {}
     oof: dict[str, np.ndarray] = {}
     level1: dict[str, CrossFit] = {}
     for b in backbones:
-        for head in heads:
+        models = {head: make_head(head, **head_params.get(head, {})) for head in heads}
+        if b["name"] in (tops or {}):
+            models[PRIOR] = ImageNetPrior(tops[b["name"]], **head_params.get(PRIOR, {}))
+        for head, model in models.items():
             name = f"{b['name']}/{head}"
-            level1[name] = cross_fit(make_head(head, **head_params.get(head, {})),
-                                     features[b["name"]], y, fold, test_mode)
+            level1[name] = cross_fit(model, features[b["name"]], y, fold, test_mode)
             oof[name] = level1[name].oof
             log(f"level 1: {name} fitted")
     concat = None
@@ -2628,6 +2914,18 @@ def exclusion_section(ex: dict) -> list[str]:
     return lines + ["", verdict + ".", ""]
 
 
+def prior_section(effect: dict) -> list[str]:
+    """What the ImageNet priors add: every stacker with them and without them, same folds."""
+    lines = [f"## What the ImageNet prior adds ({', '.join(effect['priors'])})", "",
+             "Each stacker as fitted, and refitted on the same folds without the prior columns "
+             "(`--no-imagenet` leaves them out of the run).", "",
+             "| stacker | CV log loss with the prior | without | change |", "| --- | --- | --- | --- |"]
+    for name, s in effect["stackers"].items():
+        a, b = s["with"]["log_loss"], s["without"]["log_loss"]
+        lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+    return lines + [""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -2653,6 +2951,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
+    if info.get("imagenet_prior"):
+        lines += prior_section(info["imagenet_prior"])
     if info.get("exclusion"):
         lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):
@@ -2760,26 +3060,31 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
            overwrite: bool, batch_size: int | None = None, precision: str = "auto",
-           decode_once: bool = False) -> tuple[dict, list[dict], list]:
+           decode_once: bool = False, imagenet: bool = True) -> tuple[dict, list[dict], list]:
     """Features of every backbone from the cache (extracting what is missing: backbone by backbone,
-    or with ``decode_once`` each photo decoded once for all of them), and what made them."""
+    or with ``decode_once`` each photo decoded once for all of them), and what made them.
+    ``imagenet``: with each backbone's ImageNet classifier and logits where its top is at hand."""
     loaded, described, unreadable = {}, [], []
     if decode_once:
         paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
-                             tta=tta, precision=precision)
+                             tta=tta, precision=precision, imagenet=imagenet)
     else:
         paths = {get_backbone(name).name: extract(photos, name, weights, cache, batch_size,
-                                                  overwrite=overwrite, tta=tta, precision=precision)
+                                                  overwrite=overwrite, tta=tta, precision=precision,
+                                                  imagenet=imagenet)
                  for name in backbones}
     for name in backbones:
         backbone = get_backbone(name)
         path = paths[backbone.name]
         loaded[backbone.name] = load_features(path)
+        if not imagenet:
+            loaded[backbone.name].top = None  # a cache may hold one from an earlier run
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
                           "weights": resolve_weights(backbone, weights), "tta": tta,
                           "precision": loaded[backbone.name].attrs.get("precision", "float32"),
-                          "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime")})
+                          "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime"),
+                          "imagenet_top": loaded[backbone.name].top and loaded[backbone.name].top.identity})
     return loaded, described, sorted(set(unreadable))
 
 
@@ -2830,6 +3135,21 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
+def prior_effect(oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray, fold: np.ndarray,
+                 stackers: list[str]) -> dict | None:
+    """Every stacker's OOF with the ImageNet priors among its inputs (as fitted) and refitted on
+    the same folds without them: what the priors add, in one run."""
+    priors = [n for n in level1 if n.endswith("/" + PRIOR)]
+    rest = [n for n in level1 if n not in priors]
+    if not priors or len(rest) < 2:
+        return None
+    L = np.column_stack([oof[n] for n in rest])
+    return {"priors": priors, "stackers": {
+        name: {"with": scores(y, oof[name]),
+               "without": scores(y, cross_fit(STACKERS[name](), L, y, fold).oof)}
+        for name in stackers}}
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.time()
     out = Path(args.out)
@@ -2844,7 +3164,8 @@ def run(args: argparse.Namespace) -> dict:
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
                                            args.overwrite, args.batch_size, args.precision,
-                                           args.decode_once)
+                                           args.decode_once, not args.no_imagenet)
+    tops = {name: f.top for name, f in loaded.items() if f.top is not None}
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -2866,12 +3187,14 @@ def run(args: argparse.Namespace) -> dict:
         log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
                  int((~keep).sum()), len(keep))
         _, oof_with = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                   test_mode=args.test_mode, log=log.debug)
+                                   test_mode=args.test_mode, tops=tops, log=log.debug)
         X_all, y_all = X, y
         train_ids = [i for i, k in zip(train_ids, keep) if k]
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
+    fit_started = time.time()
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                 test_mode=args.test_mode, log=log.info)
+                                 test_mode=args.test_mode, tops=tops, log=log.info)
+    fit_seconds = time.time() - fit_started
     if args.exclude:
         excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
         exclusion = compare_exclusion(args.exclude, keep, y_all, oof_with, oof, excluded_pred)
@@ -2901,10 +3224,11 @@ def run(args: argparse.Namespace) -> dict:
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
+            "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,
-            "seconds": round(time.time() - started, 1)}
+            "seconds": round(time.time() - started, 1), "fit_seconds": round(fit_seconds, 1)}
     table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y, submissions)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
@@ -2930,6 +3254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
+    parser.add_argument("--no-imagenet", action="store_true",
+                        help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
+                             "own ImageNet classifier, on by default where its top weights are at hand)")
     parser.add_argument("--test-mode", choices=TEST_MODES, default="fold_mean",
                         help="test predictions: mean of the fold models, or one model refitted on all rows")
     parser.add_argument("--holdout", type=float, default=0.0,
@@ -2976,20 +3303,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | None:
     """The folder of the backbones' weight files in attached Kaggle datasets (up to four folders
-    deep). Files spread over several datasets are linked into one temporary folder."""
+    deep), with their ImageNet tops where a dataset has them (for the ImageNet priors). Files
+    spread over several datasets are linked into one temporary folder."""
     wanted = {get_backbone(b).weights_file for b in backbones}
+    tops = {get_backbone(b).top_weights_file for b in backbones} - {None}
     if not root.is_dir():
         return None
     found: dict[str, Path] = {}
     for pattern in ("*/*", "*/*/*", "*/*/*/*", "*/*/*/*/*"):
         for f in sorted(root.glob(pattern)):
-            if f.name in wanted and f.name not in found:
+            if f.name in wanted | tops and f.name not in found:
                 found[f.name] = f
-    if not found:
+    if not wanted & set(found):
         return None
     missing = wanted - set(found)
     if missing:
         log.warning("kernel: no weights file under %s for %s", root, ", ".join(sorted(missing)))
+    if tops - set(found):
+        log.info("kernel: no ImageNet top under %s for %s, so no ImageNet prior for it (attach a "
+                 "dataset with %s for one)", root, ", ".join(sorted(tops - set(found))),
+                 ", ".join(sorted(tops - set(found))))
     folders = {f.parent for f in found.values()}
     if len(folders) == 1:
         return folders.pop()

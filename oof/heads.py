@@ -26,6 +26,20 @@ except ImportError:  # scikit-learn < 1.6 (older Kaggle images): the same check 
 from features.defaults import SEED
 
 
+def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: int):
+    """(scaler, logistic regression, C used) on standardised ``X``; C "auto": the one of ``Cs``
+    with the lowest inner stratified 3-fold CV log loss on these rows."""
+    scaler = StandardScaler().fit(X)
+    Z = scaler.transform(X)
+    if C == "auto":
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
+            warnings.simplefilter("ignore", FutureWarning)
+            lr = LogisticRegressionCV(Cs=list(Cs), cv=3, scoring="neg_log_loss",
+                                      max_iter=max_iter).fit(Z, target)
+        return scaler, lr, float(np.ravel(lr.C_)[0])
+    return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
+
+
 class BinaryClassifier(ClassifierMixin, BaseEstimator):
     """What our binary estimators share: classes, predict from P(class 1), tags."""
 
@@ -79,17 +93,8 @@ class LogisticHead(BinaryClassifier):
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
         target = self._set_classes(y)
-        self.scaler_ = StandardScaler().fit(X)
-        Z = self.scaler_.transform(X)
-        if self.C == "auto":
-            with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
-                warnings.simplefilter("ignore", FutureWarning)
-                self.lr_ = LogisticRegressionCV(Cs=list(self.Cs), cv=3, scoring="neg_log_loss",
-                                                max_iter=self.max_iter).fit(Z, target)
-            self.C_ = float(np.ravel(self.lr_.C_)[0])
-        else:
-            self.lr_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(Z, target)
-            self.C_ = float(self.C)
+        self.scaler_, self.lr_, self.C_ = fit_standardised_logistic(X, target, self.C, self.Cs,
+                                                                    self.max_iter)
         self.n_iter_ = np.max(self.lr_.n_iter_)
         return self
 

@@ -15,6 +15,10 @@ Every deviation map has mean zero, so the map's mean is Z exactly, and Z itself 
 the feature maps (not copied from the prediction), so "mean == logit" checks the whole path.
 For a tree stacker (LightGBM) dZ/dL is zero almost everywhere; there the map weighs the level-1
 columns equally: it shows where the backbones looked, centred on the stacker's logit.
+A level-1 model that is not linear in the GAP features (the ImageNet prior: a logistic regression
+on log-probabilities of the backbone's ImageNet classifier) contributes its gradient at the
+photo's GAP times each position's deviation from it: first order again, mean zero again, so the
+map stays exact in its mean.
 """
 
 from __future__ import annotations
@@ -63,6 +67,15 @@ def fold_shares(z: np.ndarray) -> np.ndarray:
     return np.exp(log_dsig - np.log(len(z)) - log_p - log_q)
 
 
+def feature_gradient(model, x: np.ndarray) -> np.ndarray:
+    """d logit / d features of a fitted level-1 model at row ``x``: a linear head's weights, or
+    the model's own ``feature_gradient`` (the ImageNet prior)."""
+    if hasattr(model, "feature_gradient"):
+        return model.feature_gradient(x)
+    _, scale, coef, _ = linear_parts(model)
+    return np.asarray(coef, np.float64) / np.asarray(scale, np.float64)
+
+
 def fold_logits(cf: CrossFit, x: np.ndarray) -> np.ndarray:
     """Each fold model's logit for one row."""
     return np.array([float(m.decision_function(x[None, :])[0]) for m in cf.models])
@@ -78,18 +91,19 @@ class LinearMaps:
 
 def linear_maps(cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]) -> LinearMaps:
     """The logit of ``cf`` on the GAP of ``fmaps`` (backbones ``names``, side by side as the model
-    saw them) and, per backbone, sum_k g_k * (fold k's logit map - its mean)."""
+    saw them) and, per backbone, sum_k g_k * (fold k's logit map - its mean), where fold k's map
+    is its gradient at the GAP times each position's features (a linear head: its own logit map)."""
     gap = np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in names])
     z = fold_logits(cf, gap)
     shares = fold_shares(z)
     deviations = {n: np.zeros(fmaps[n].shape[:2]) for n in names}
     for share, model in zip(shares, cf.models):
-        _, scale, coef, _ = linear_parts(model)
+        grad = feature_gradient(model, gap)
         start = 0
         for n in names:
             f = fmaps[n].astype(np.float64)
             width = f.shape[-1]
-            w = coef[start:start + width] / scale[start:start + width]
+            w = grad[start:start + width]
             dev = (f - f.mean(axis=(0, 1))) @ w
             deviations[n] += share * dev
             start += width

@@ -1,7 +1,8 @@
 """The two-level ensemble: fitting every model on the same folds, and the saved artefact.
 
-Level 1: one head per (backbone, head kind) on that backbone's GAP features, plus concat-fusion
-(the write-ups' head on all backbones' features side by side). Level 2: stackers over the level-1
+Level 1: one head per (backbone, head kind) on that backbone's GAP features, the ImageNet prior
+(``<backbone>/imagenet``) of each backbone whose ImageNet classifier is at hand, plus
+concat-fusion (the write-ups' head on all backbones' features side by side). Level 2: stackers over the level-1
 heads' out-of-fold P(dog). The level-2 model for fold k is fitted on level-1 OOF rows outside
 fold k only. The fitted models are kept, so the saved ensemble predicts new photos exactly as the
 run predicted the test set.
@@ -18,10 +19,12 @@ import numpy as np
 
 from oof.crossfit import CrossFit, cross_fit
 from oof.heads import KerasHead, make_head
+from oof.prior import ImageNetPrior
 from stacking.stackers import STACKERS
 from stacking.submission import clip
 
 CONCAT = "concat-fusion"
+PRIOR = "imagenet"  # level-1 name "<backbone>/imagenet": the backbone's ImageNet prior
 
 
 @dataclass
@@ -98,16 +101,20 @@ def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
 def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.ndarray,
                  fold: np.ndarray, heads: list[str], concat_fusion: bool = True,
                  stackers: list[str] | None = None, test_mode: str = "fold_mean",
-                 head_params: dict | None = None, log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
-    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog)."""
+                 head_params: dict | None = None, tops: dict | None = None,
+                 log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
+    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
+    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior."""
     head_params = head_params or {}
     oof: dict[str, np.ndarray] = {}
     level1: dict[str, CrossFit] = {}
     for b in backbones:
-        for head in heads:
+        models = {head: make_head(head, **head_params.get(head, {})) for head in heads}
+        if b["name"] in (tops or {}):
+            models[PRIOR] = ImageNetPrior(tops[b["name"]], **head_params.get(PRIOR, {}))
+        for head, model in models.items():
             name = f"{b['name']}/{head}"
-            level1[name] = cross_fit(make_head(head, **head_params.get(head, {})),
-                                     features[b["name"]], y, fold, test_mode)
+            level1[name] = cross_fit(model, features[b["name"]], y, fold, test_mode)
             oof[name] = level1[name].oof
             log(f"level 1: {name} fitted")
     concat = None

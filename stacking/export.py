@@ -4,8 +4,8 @@
                               [--use MODEL | --backbones NAME ...] [--quantize none|float16|int8]
 
 One graph: RGB pixels (N, H, W, 3) float32 0..255 at the backbone's size -> the backbone(s), their
-GAP, the fold heads (averaged in probability, as the run averages them), the linear level-2 model
-and the clip -> P(dog) (N, 1). A JSON file beside it states the input and output; the export is
+GAP, the fold heads and ImageNet priors (averaged in probability, as the run averages them), the
+linear level-2 model and the clip -> P(dog) (N, 1). A JSON file beside it states the input and output; the export is
 checked against the Python model on real photos and the result goes into that JSON too.
 """
 
@@ -29,6 +29,8 @@ from features.models import build_gap_model
 from features.registry import Backbone
 from oof.crossfit import CrossFit
 from oof.heads import linear_parts
+from features.imagenet import CATS, DOGS
+from oof.prior import PETS, ImageNetPrior
 from stacking.ensemble import CONCAT, Ensemble
 from stacking.stackers import LOGIT_EPS, AverageStacker, LRStacker
 
@@ -59,6 +61,8 @@ def _fold_head(features, cf: CrossFit, name: str):
     """Mean over folds of sigmoid(linear head), on the GAP features."""
     from keras import ops
 
+    if isinstance(cf.models[0], ImageNetPrior):
+        return _prior_head(features, cf, name)
     weights, biases = [], []
     for m in cf.models:
         mean, scale, coef, b = linear_parts(m)
@@ -67,6 +71,32 @@ def _fold_head(features, cf: CrossFit, name: str):
         biases.append(b - float(np.asarray(mean, np.float64) @ w))
     z = _dense(features, np.stack(weights, axis=1), np.array(biases), name)
     return ops.mean(ops.sigmoid(z), axis=-1, keepdims=True)
+
+
+def _prior_head(features, cf: CrossFit, name: str):
+    """An ImageNet prior in the graph: the backbone's classifier (one Dense, shared by the folds),
+    the log-probabilities the prior reads (``oof.prior.prior_features``, as ops), then each fold's
+    logistic regression; mean over folds of the sigmoid."""
+    from keras import ops
+
+    top = cf.models[0].top
+    if any(m.top is not top and not np.array_equal(m.top.kernel, top.kernel) for m in cf.models):
+        raise ExportError(f"{name}: the fold models hold different ImageNet classifiers")
+    z = _dense(features, top.kernel, top.bias, f"{name}_classifier")
+    dog = ops.logsumexp(z[:, DOGS.start:DOGS.stop], axis=-1, keepdims=True)
+    cat = ops.logsumexp(z[:, CATS.start:CATS.stop], axis=-1, keepdims=True)
+    kind = cf.models[0].features
+    if kind == "ratio":
+        inputs = dog - cat
+    elif kind == "masses":
+        every = ops.logsumexp(z, axis=-1, keepdims=True)
+        inputs = ops.concatenate([dog - every, cat - every], axis=-1)
+    else:
+        every = ops.logsumexp(z, axis=-1, keepdims=True)
+        inputs = ops.take(z, PETS, axis=-1) - every
+    parts = [m.linear_on_features() for m in cf.models]
+    out = _dense(inputs, np.stack([w for w, _ in parts], axis=1), np.array([b for _, b in parts]), name)
+    return ops.mean(ops.sigmoid(out), axis=-1, keepdims=True)
 
 
 def _stack(columns, cf: CrossFit):

@@ -31,20 +31,26 @@ GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
 
 def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | None:
     """The folder of the backbones' weight files in attached Kaggle datasets (up to four folders
-    deep). Files spread over several datasets are linked into one temporary folder."""
+    deep), with their ImageNet tops where a dataset has them (for the ImageNet priors). Files
+    spread over several datasets are linked into one temporary folder."""
     wanted = {get_backbone(b).weights_file for b in backbones}
+    tops = {get_backbone(b).top_weights_file for b in backbones} - {None}
     if not root.is_dir():
         return None
     found: dict[str, Path] = {}
     for pattern in ("*/*", "*/*/*", "*/*/*/*", "*/*/*/*/*"):
         for f in sorted(root.glob(pattern)):
-            if f.name in wanted and f.name not in found:
+            if f.name in wanted | tops and f.name not in found:
                 found[f.name] = f
-    if not found:
+    if not wanted & set(found):
         return None
     missing = wanted - set(found)
     if missing:
         log.warning("kernel: no weights file under %s for %s", root, ", ".join(sorted(missing)))
+    if tops - set(found):
+        log.info("kernel: no ImageNet top under %s for %s, so no ImageNet prior for it (attach a "
+                 "dataset with %s for one)", root, ", ".join(sorted(tops - set(found))),
+                 ", ".join(sorted(tops - set(found))))
     folders = {f.parent for f in found.values()}
     if len(folders) == 1:
         return folders.pop()

@@ -110,6 +110,18 @@ def exclusion_section(ex: dict) -> list[str]:
     return lines + ["", verdict + ".", ""]
 
 
+def prior_section(effect: dict) -> list[str]:
+    """What the ImageNet priors add: every stacker with them and without them, same folds."""
+    lines = [f"## What the ImageNet prior adds ({', '.join(effect['priors'])})", "",
+             "Each stacker as fitted, and refitted on the same folds without the prior columns "
+             "(`--no-imagenet` leaves them out of the run).", "",
+             "| stacker | CV log loss with the prior | without | change |", "| --- | --- | --- | --- |"]
+    for name, s in effect["stackers"].items():
+        a, b = s["with"]["log_loss"], s["without"]["log_loss"]
+        lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+    return lines + [""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -135,6 +147,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
+    if info.get("imagenet_prior"):
+        lines += prior_section(info["imagenet_prior"])
     if info.get("exclusion"):
         lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):

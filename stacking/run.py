@@ -1,10 +1,11 @@
 """The whole two-level run in one command.
 
     python -m stacking.run --folds 5 [--data DIR ...] [--backbones a,b,c] [--out DIR]
-                           [--submit-with MODEL] [--holdout FRACTION]
+                           [--submit-with MODEL] [--holdout FRACTION] [--no-imagenet]
 
 Extracts missing features through the cache, makes the folds once, fits every backbone's head,
-concat-fusion and the stackers on those folds, and writes into ``--out``: submission.csv, folds.csv,
+its ImageNet prior (where the backbone's ImageNet classifier is at hand), concat-fusion and the
+stackers on those folds, and writes into ``--out``: submission.csv, folds.csv,
 oof/ and test/ predictions of every model, report.md + report.json + plots, and model/ (the
 fitted ensemble, for ``python -m stacking.predict``).
 """
@@ -32,7 +33,9 @@ from oof.crossfit import TEST_MODES
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
-from stacking.ensemble import fit_ensemble
+from oof.crossfit import cross_fit
+from stacking.ensemble import PRIOR, fit_ensemble
+from stacking.stackers import STACKERS
 from stacking.report import choose_model, write_report
 from stacking.submission import (CLIP, CLIP_MODES, SUBMISSIONS, scores, write_model_submissions,
                                  write_submission)
@@ -55,26 +58,31 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
 
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
            overwrite: bool, batch_size: int | None = None, precision: str = "auto",
-           decode_once: bool = False) -> tuple[dict, list[dict], list]:
+           decode_once: bool = False, imagenet: bool = True) -> tuple[dict, list[dict], list]:
     """Features of every backbone from the cache (extracting what is missing: backbone by backbone,
-    or with ``decode_once`` each photo decoded once for all of them), and what made them."""
+    or with ``decode_once`` each photo decoded once for all of them), and what made them.
+    ``imagenet``: with each backbone's ImageNet classifier and logits where its top is at hand."""
     loaded, described, unreadable = {}, [], []
     if decode_once:
         paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
-                             tta=tta, precision=precision)
+                             tta=tta, precision=precision, imagenet=imagenet)
     else:
         paths = {get_backbone(name).name: extract(photos, name, weights, cache, batch_size,
-                                                  overwrite=overwrite, tta=tta, precision=precision)
+                                                  overwrite=overwrite, tta=tta, precision=precision,
+                                                  imagenet=imagenet)
                  for name in backbones}
     for name in backbones:
         backbone = get_backbone(name)
         path = paths[backbone.name]
         loaded[backbone.name] = load_features(path)
+        if not imagenet:
+            loaded[backbone.name].top = None  # a cache may hold one from an earlier run
         unreadable.extend(f"{s}/{i}: {r} ({backbone.name})" for s, i, r in loaded[backbone.name].failed)
         described.append({"name": backbone.name, "entry": asdict(backbone),
                           "weights": resolve_weights(backbone, weights), "tta": tta,
                           "precision": loaded[backbone.name].attrs.get("precision", "float32"),
-                          "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime")})
+                          "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime"),
+                          "imagenet_top": loaded[backbone.name].top and loaded[backbone.name].top.identity})
     return loaded, described, sorted(set(unreadable))
 
 
@@ -125,6 +133,21 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
+def prior_effect(oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray, fold: np.ndarray,
+                 stackers: list[str]) -> dict | None:
+    """Every stacker's OOF with the ImageNet priors among its inputs (as fitted) and refitted on
+    the same folds without them: what the priors add, in one run."""
+    priors = [n for n in level1 if n.endswith("/" + PRIOR)]
+    rest = [n for n in level1 if n not in priors]
+    if not priors or len(rest) < 2:
+        return None
+    L = np.column_stack([oof[n] for n in rest])
+    return {"priors": priors, "stackers": {
+        name: {"with": scores(y, oof[name]),
+               "without": scores(y, cross_fit(STACKERS[name](), L, y, fold).oof)}
+        for name in stackers}}
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.time()
     out = Path(args.out)
@@ -139,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
     # --holdout never invalidates the features.
     loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
                                            args.overwrite, args.batch_size, args.precision,
-                                           args.decode_once)
+                                           args.decode_once, not args.no_imagenet)
+    tops = {name: f.top for name, f in loaded.items() if f.top is not None}
     held_out = holdout_ids(photos, args.holdout, args.seed)
     held = [p for p in photos.train if p.id in held_out]
     # Training rows: photos every backbone could read.
@@ -161,12 +185,14 @@ def run(args: argparse.Namespace) -> dict:
         log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
                  int((~keep).sum()), len(keep))
         _, oof_with = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                   test_mode=args.test_mode, log=log.debug)
+                                   test_mode=args.test_mode, tops=tops, log=log.debug)
         X_all, y_all = X, y
         train_ids = [i for i, k in zip(train_ids, keep) if k]
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
+    fit_started = time.time()
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                 test_mode=args.test_mode, log=log.info)
+                                 test_mode=args.test_mode, tops=tops, log=log.info)
+    fit_seconds = time.time() - fit_started
     if args.exclude:
         excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
         exclusion = compare_exclusion(args.exclude, keep, y_all, oof_with, oof, excluded_pred)
@@ -196,10 +222,11 @@ def run(args: argparse.Namespace) -> dict:
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
+            "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,
-            "seconds": round(time.time() - started, 1)}
+            "seconds": round(time.time() - started, 1), "fit_seconds": round(fit_seconds, 1)}
     table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y, submissions)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
@@ -225,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
+    parser.add_argument("--no-imagenet", action="store_true",
+                        help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
+                             "own ImageNet classifier, on by default where its top weights are at hand)")
     parser.add_argument("--test-mode", choices=TEST_MODES, default="fold_mean",
                         help="test predictions: mean of the fold models, or one model refitted on all rows")
     parser.add_argument("--holdout", type=float, default=0.0,

@@ -44,6 +44,21 @@ def test_export_agrees_with_the_python_model(reference, tmp_path, fmt, quantize)
     assert sidecar["output"]["name"] == "p_dog" and sidecar["bytes"] == out.stat().st_size
 
 
+@pytest.mark.parametrize("fmt,use,backbones", [
+    ("tflite", "efficientnet_lite2/imagenet", None),
+    ("onnx", "mean of efficientnet_lite2/logistic, efficientnet_lite2/imagenet", ["efficientnet_lite2"])])
+def test_export_with_the_imagenet_prior_agrees_with_the_python_model(runs, tmp_path, fmt, use, backbones):
+    """The prior's classifier and log-probabilities go into the graph, alone and beside Lite2's
+    head (one input size, so the Python model's pixels are the export's); the parity check
+    against stacking.predict's code holds."""
+    model_dir = runs / "a" / "model"
+    assert "efficientnet_lite2/imagenet" in Predictor(model_dir).ensemble.level1
+    info = export(model_dir, fmt, tmp_path / f"m.{fmt}", use=None if backbones else use,
+                  backbones=backbones, data_dirs=[PHOTOS], check_photos=12)
+    assert info["model"] == use
+    assert info["parity"]["photos"] == 12 and info["parity"]["max_abs_diff_vs_python"] < 1e-4, info["parity"]
+
+
 def test_coreml_package_has_the_stated_inputs_and_outputs(reference, tmp_path):
     model_dir = reference[0]
     out = tmp_path / "lite0.mlpackage"

@@ -75,16 +75,18 @@ def check_outputs(work, out, models, n_test):
 def test_kernel_runs_alone_on_zipped_kaggle_input(tmp_path):
     root = kaggle_input(tmp_path, 30, 12)
     work, out = run_kernel(tmp_path, "--data", str(root / "dogs-vs-cats-redux-kernels-edition"),
-                           "--backbones", "efficientnet_lite0,efficientnet_lite1",
+                           "--backbones", "efficientnet_lite0,efficientnet_lite2",
                            "--weights-dir", str(WEIGHTS), "--folds", "3")
-    check_outputs(work, out, ("efficientnet_lite0/logistic", "efficientnet_lite1/logistic",
-                              "concat-fusion", "stack-lr", "stack-lgbm"), 12)
+    check_outputs(work, out, ("efficientnet_lite0/logistic", "efficientnet_lite2/logistic",
+                              "efficientnet_lite2/imagenet", "concat-fusion", "stack-lr", "stack-lgbm"), 12)
+    assert "What the ImageNet prior adds" in (work / "out" / "report.md").read_text()
     assert (work / "cache" / "gap_efficientnet_lite0.h5").exists()
 
 
 def test_writeups_four_backbones_from_an_attached_weights_dataset(tmp_path):
     """The Keras release weight files (here: random weights in that format and under those names)
-    in an attached dataset are found under the input root and go through the whole kernel."""
+    in an attached dataset are found under the input root and go through the whole kernel; a
+    release file with the ImageNet top (ResNet50's) gives that backbone its ImageNet prior."""
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format
@@ -98,9 +100,15 @@ def test_writeups_four_backbones_from_an_attached_weights_dataset(tmp_path):
         base = constructor(include_top=False, weights=None, input_shape=(*entry.input_size, 3))
         with h5py.File(dataset / entry.weights_file, "w") as f:
             legacy_h5_format.save_weights_to_hdf5_group(f, base)
+        if name == "resnet50":
+            full = constructor(include_top=True, weights=None, input_shape=(*entry.input_size, 3))
+            with h5py.File(dataset / entry.top_weights_file, "w") as f:
+                legacy_h5_format.save_weights_to_hdf5_group(f, full)
         keras.backend.clear_session()
     work, out = run_kernel(tmp_path, "--input", str(root), "--folds", "2")
     assert f"kernel: weights from {dataset}" in out.stdout
-    check_outputs(work, out, [f"{b}/logistic" for b in WRITEUPS] + ["concat-fusion", "stack-lr"], 6)
+    check_outputs(work, out, [f"{b}/logistic" for b in WRITEUPS] + ["resnet50/imagenet", "concat-fusion",
+                                                                    "stack-lr"], 6)
+    assert "xception/imagenet" not in (work / "out" / "report.md").read_text()  # no top attached
     for name in WRITEUPS:
         assert (work / "cache" / f"gap_{name}.h5").exists()

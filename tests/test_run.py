@@ -33,8 +33,8 @@ def test_folds_identical_across_levels_and_runs(runs):
     assert folds_a.equals(folds_b)
     oof_files = sorted((runs / "a" / "oof").glob("*.csv"))
     names = {f.stem for f in oof_files}
-    assert {"efficientnet_lite0__logistic", "efficientnet_lite1__logistic", "concat-fusion",
-            "average", "stack-lr", "stack-lgbm"} <= names
+    assert {"efficientnet_lite0__logistic", "efficientnet_lite2__logistic",
+            "efficientnet_lite2__imagenet", "concat-fusion", "average", "stack-lr", "stack-lgbm"} <= names
     for f in oof_files:
         oof = pd.read_csv(f, dtype={"id": str})
         assert oof["id"].tolist() == folds_a["id"].tolist()
@@ -44,8 +44,9 @@ def test_folds_identical_across_levels_and_runs(runs):
 def test_report_compares_every_model(runs):
     report = json.loads((runs / "a" / "report.json").read_text())
     assert set(report["cv"]) == set(report["holdout"])
-    assert len(report["cv"]) == 6
-    for name in ("efficientnet_lite0/logistic", "efficientnet_lite1/logistic", "stack-lr", "average"):
+    assert len(report["cv"]) == 7
+    for name in ("efficientnet_lite0/logistic", "efficientnet_lite2/logistic",
+                 "efficientnet_lite2/imagenet", "stack-lr", "average"):
         assert 0 < report["cv"][name]["log_loss"] < 0.3 and report["cv"][name]["accuracy"] > 0.8
     # 48 rows are too few for LightGBM's leaves of 40: it may stay at the prior, never worse.
     assert report["cv"]["stack-lgbm"]["log_loss"] <= np.log(2) + 1e-6
@@ -54,6 +55,25 @@ def test_report_compares_every_model(runs):
     assert (runs / "a" / "logloss.png").stat().st_size > 10_000
     assert report["submit_with"] == min(report["cv"], key=lambda m: min(
         report["cv"][m]["log_loss"], report["cv"][m]["log_loss_clipped"]))
+
+
+def test_imagenet_prior_reported_and_left_out_on_request(runs, tmp_path):
+    """Run a has Lite2's ImageNet prior and says what it adds; --no-imagenet on the same cache and
+    folds leaves it out, and its stackers are exactly run a's "without" figures."""
+    report = json.loads((runs / "a" / "report.json").read_text())
+    effect = report["imagenet_prior"]
+    assert effect["priors"] == ["efficientnet_lite2/imagenet"]
+    assert effect["stackers"]["stack-lr"]["with"] == report["cv"]["stack-lr"]
+    assert "What the ImageNet prior adds" in (runs / "a" / "report.md").read_text()
+    args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
+            "--cache", str(runs / "cache"), "--out", str(tmp_path / "none"), "--no-imagenet"]
+    assert run_mod.main(args) == 0
+    none = json.loads((tmp_path / "none" / "report.json").read_text())
+    assert "efficientnet_lite2/imagenet" not in none["cv"] and none["imagenet_prior"] is None
+    for name in ("stack-lr", "average"):
+        assert none["cv"][name]["log_loss"] == pytest.approx(
+            effect["stackers"][name]["without"]["log_loss"], abs=1e-9), name
+    assert none["cv"]["efficientnet_lite2/logistic"] == report["cv"]["efficientnet_lite2/logistic"]
 
 
 def test_saved_model_reproduces_the_test_predictions(runs):

@@ -67,7 +67,9 @@ def test_real_photos_answered_as_stacking_predict_does(client, model_dir):
         assert body["label"] == name.split(".")[0]
         assert (body["p_dog"] > 0.9) if name.startswith("dog") else (body["p_dog"] < 0.1), (name, body["p_dog"])
         assert body["p_dog"] == pytest.approx(p, abs=1e-6)
-        assert set(body["backbones"]) == {"efficientnet_lite0", "efficientnet_lite1"}
+        # Each level-1 model's vote; Lite2 has two (its head and its ImageNet prior).
+        assert set(body["backbones"]) == {"efficientnet_lite0", "efficientnet_lite2/logistic",
+                                          "efficientnet_lite2/imagenet"}
         png = Image.open(io.BytesIO(__import__("base64").b64decode(body["cam_png"])))
         assert png.format == "PNG" and max(png.size) <= 512
 

@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 OURS = ("features", "oof", "stacking")
 MODULES = [
     "features/defaults.py", "features/registry.py", "features/efficientnet_lite.py",
-    "features/models.py", "features/images.py",
+    "features/models.py", "features/imagenet.py", "features/images.py",
     "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py",
     "features/extract.py",
-    "oof/folds.py", "oof/heads.py", "oof/crossfit.py", "oof/store.py",
+    "oof/folds.py", "oof/heads.py", "oof/prior.py", "oof/crossfit.py", "oof/store.py",
     "stacking/submission.py", "stacking/stackers.py", "stacking/ensemble.py", "stacking/report.py",
     "stacking/run.py", "stacking/kaggle.py",
 ]
