@@ -197,8 +197,14 @@ def extraction_lock(path: Path, log=None):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = ""
+            for _ in range(40):  # the holder writes its line just after taking the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
             if log:
                 log.warning("%s: %s is extracting into it; waiting for it to finish", path, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
