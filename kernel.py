@@ -14,8 +14,11 @@ BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public w
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
+FINETUNE = ""  # e.g. "xception": also fine-tune these backbones, one network per fold (hours)
+FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: the recipe's)
 
 import argparse
+import copy
 import cv2
 import fcntl
 import functools
@@ -1141,8 +1144,14 @@ def extraction_lock(path: Path, log=None):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = ""
+            for _ in range(40):  # the holder writes its line just after taking the lock
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
             if log:
                 log.warning("%s: %s is extracting into it; waiting for it to finish", path, holder)
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -1721,10 +1730,11 @@ def _chunks(photos: list[Photo], size: int) -> list[list[Photo]]:
     return [photos[i:i + size] for i in range(0, len(photos), size)]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+    """A tqdm bar: live on a terminal, a line every 10 s in a log (a Kaggle notebook's output)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or total == 0,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0,
                 mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
 
 
@@ -1902,7 +1912,7 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
     needs = [(split, k, chunk, [n for n in extractors if not journals[n].has(split, k)])
              for split, k, chunk in every]
     needs = [t for t in needs if t[3]]
-    bar = _progress(sum(len(t[2]) * len(t[3]) for t in needs), "+".join(extractors), progress)
+    bar = progress_bar(sum(len(t[2]) * len(t[3]) for t in needs), "+".join(extractors), progress)
     seconds, done, reported = dict.fromkeys(extractors, 0.0), dict.fromkeys(extractors, 0), set()
     reader = PhotoReader()
     for split, k, chunk, names in needs:
@@ -2030,7 +2040,7 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
-    bar = _progress(total, backbone.name, progress)
+    bar = progress_bar(total, backbone.name, progress)
     started, failures = time.perf_counter(), 0
     feats, reasons_all = [], []
     for (split, k, chunk, _), (batch, out, reasons) in zip(tasks, ex.stream([t[3] for t in tasks])):
@@ -2306,7 +2316,7 @@ def make_head(name: str, **params):
 
 def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b."""
-    if isinstance(head, KerasHead):
+    if hasattr(head, "scale_"):  # KerasHead, and a fine-tuned network's DenseHead
         return head.mean_, head.scale_, head.coef_, head.intercept_
     return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])
 
@@ -2425,15 +2435,22 @@ TEST_MODES = ("fold_mean", "refit")
 @dataclass
 class CrossFit:
     """oof: P(class 1) for every training row, from the model that did not see its fold.
-    models: the fold models (fold_mean) or the single refitted model (refit)."""
+    models: the fold models (fold_mean) or the single refitted model (refit).
+    inputs: None when every model reads the same features; else, per model, the name of the
+    features it reads (a fine-tuned fold network's own GAP features, ``oof.finetune``)."""
 
     oof: np.ndarray
     models: list = field(default_factory=list)
     test_mode: str = "fold_mean"
+    inputs: list[str] | None = None
 
     def predict(self, X) -> np.ndarray:
         """P(class 1) for new rows, the way the test set is predicted."""
         return np.mean([positive_proba(m, X) for m in self.models], axis=0)
+
+    def predict_from(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """P(class 1) when each model reads its own features (``inputs``)."""
+        return np.mean([positive_proba(m, features[i]) for m, i in zip(self.models, self.inputs)], axis=0)
 
 
 def positive_proba(model, X) -> np.ndarray:
@@ -2462,6 +2479,269 @@ def cross_fit(estimator, X, y, fold: np.ndarray, test_mode: str = "fold_mean") -
     if test_mode == "refit":
         models = [clone(estimator).fit(X, y)]
     return CrossFit(oof, models, test_mode)
+
+
+# ==================== oof/finetune.py ====================
+# Fine-tuned backbones as level-1 models, cross-fitted on the run's folds.
+
+FINETUNED = "finetuned"  # level-1 name "<backbone>/finetuned"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How each fold network is trained (benchmarks/RESULTS.md says how it was chosen).
+
+    The head starts from a Dropout + Dense head fitted on the frozen backbone's cached GAP features
+    (the warm-up epoch of the usual recipe, without a pass over the photos); then the whole network
+    trains for ``epochs`` at ``learning_rate`` (Adam) with BatchNormalization frozen (its running
+    statistics kept: batches of 32 are too small to re-estimate them) and random horizontal flips.
+    """
+
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    dropout: float = 0.2
+    flip: bool = True
+    freeze_batchnorm: bool = True
+    warmup_epochs: int = 20  # of the head on cached GAP features
+    seed: int = SEED
+
+
+class DenseHead(BinaryClassifier):
+    """A fitted Dense(1, sigmoid) head as a linear model on GAP features: logit = X @ coef + b.
+    ``fit`` learns nothing (the network trained it); it only records the classes."""
+
+    def __init__(self, coef=None, intercept: float = 0.0):
+        self.coef = coef
+        self.intercept = intercept
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        self._set_classes(y)
+        self.mean_ = np.zeros(X.shape[1])
+        self.scale_ = np.ones(X.shape[1])
+        self.coef_, self.intercept_ = np.asarray(self.coef, np.float64), float(self.intercept)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return X @ self.coef_ + self.intercept_
+
+
+class PhotoBatches:
+    """Training batches streamed from disk: (pixels, labels, weights), unreadable photos weighted 0,
+    a new order and new flips every epoch (seeded). Wrapped as a ``keras.utils.PyDataset`` by
+    ``batches`` so Keras decodes ahead in worker threads."""
+
+    def __init__(self, photos: list[Photo], labels: np.ndarray, backbone: Backbone, batch_size: int,
+                 flip: bool, seed: int):
+        self.photos, self.labels = photos, np.asarray(labels, np.float32)
+        self.backbone, self.batch_size, self.flip, self.seed = backbone, batch_size, flip, seed
+        self.reader, self.epoch = PhotoReader(), 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.photos))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.photos) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        pixels, reasons = load_batch(self.reader, [self.photos[j] for j in idx], self.backbone, False)
+        if self.flip:
+            mirror = np.random.default_rng([self.seed, self.epoch, i]).random(len(idx)) < 0.5
+            pixels[mirror] = pixels[mirror, :, ::-1]
+        weights = np.array([0.0 if r else 1.0 for r in reasons], np.float32)
+        return pixels, self.labels[idx], weights
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
+
+
+def batches(source: PhotoBatches, workers: int):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+
+        def __len__(self):
+            return len(source)
+
+        def __getitem__(self, i):
+            return source[i]
+
+        def on_epoch_end(self):
+            source.on_epoch_end()
+
+    return Batches()
+
+
+def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None):
+    """(training model: pixels -> P(dog), feature-map model inside it). BatchNormalization
+    frozen as the recipe says; ``head``: (kernel, bias) to start the Dense from."""
+    import keras
+
+    fmap = build_feature_map_model(backbone, weights)
+    if recipe.freeze_batchnorm:
+        for layer in _all_layers(fmap):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
+    x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="head")
+    p = dense(x)
+    if head is not None:
+        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1),
+                           np.asarray([head[1]], np.float32)])
+    return keras.Model(fmap.input, p, name=f"{backbone.name}_finetune"), fmap
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+@dataclass
+class FoldNetwork:
+    """One fold's network: its feature-map model file, as a registry entry, and its head."""
+
+    entry: Backbone
+    head: DenseHead
+
+
+@dataclass
+class FinetuneResult:
+    """oof: P(dog) per training row from the network that did not see its fold; networks: one per
+    fold; features: {fold backbone name: {photo id: GAP row}} for the rows each network predicted
+    (its held-out fold, the extra rows, the test photos); seconds: per fold."""
+
+    oof: np.ndarray
+    networks: list[FoldNetwork]
+    features: dict[str, dict[str, np.ndarray]]
+    seconds: list[float] = field(default_factory=list)
+
+    def crossfit(self) -> CrossFit:
+        """The level-1 CrossFit: fold k's head reads fold k's network's features."""
+        return CrossFit(self.oof, [n.head for n in self.networks], "fold_mean",
+                        inputs=[n.entry.name for n in self.networks])
+
+
+def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train_ids,
+                labels, fold: np.ndarray) -> Path:
+    """Where this fine-tuning keeps its finished folds: named by everything that determines them
+    (backbone, weights, recipe, photos, labels, folds), so a resumed run finds exactly its own."""
+    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), list(map(str, train_ids)),
+                                     np.asarray(labels).tolist(), np.asarray(fold).tolist()]).encode())
+    return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
+
+
+def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
+                   fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
+                   recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
+                   runtime: str = "auto") -> FinetuneResult:
+    """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
+    its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
+    backbone's GAP features of ``train`` (the warm-up of each fold's head)."""
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    resolved = resolve_weights(backbone, weights)
+    work.mkdir(parents=True, exist_ok=True)
+    oof = np.full(len(train), np.nan)
+    networks, features, seconds = [], {}, []
+    for k in np.unique(fold):
+        held = fold == k
+        done = work / f"fold{k}"
+        if (done / "fold.json").is_file():
+            log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
+        else:
+            started = time.perf_counter()
+            _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
+                        warm_features[~held], y[~held], recipe, done, workers, progress, k,
+                        [p for p, h in zip(train, held) if h] + extra, runtime)
+            seconds.append(round(time.perf_counter() - started, 1))
+        net, feats = _load_fold(done, backbone, k)
+        networks.append(net)
+        features[net.entry.name] = feats
+        X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
+        oof[held] = net.head.predict_proba(X)[:, 1]
+    return FinetuneResult(oof, networks, features, seconds)
+
+
+def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
+                warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
+                progress: bool, k: int, predict: list[Photo], runtime: str) -> None:
+    """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
+    import keras
+
+    warm = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
+                     random_state=recipe.seed + int(k)).fit(warm_X, warm_y)
+    keras.utils.set_random_seed(recipe.seed + int(k))
+    model, fmap = build_network(backbone, resolved, recipe, (warm.coef_, warm.intercept_))
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
+                                recipe.seed + int(k)), workers)
+    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
+    started = time.perf_counter()
+    bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
+    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe)])
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    tmp = done.with_name(done.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fmap.save(tmp / "network.keras")
+    kernel, bias = model.get_layer("head").get_weights()
+    # Predict through the saved file, exactly as stacking.predict will.
+    entry = _entry(backbone, tmp / "network.keras", k)
+    gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
+    np.savez(tmp / "features.npz", ids=np.array([p.id for p in predict], dtype=str), gap=gap)
+    (tmp / "fold.json").write_text(json.dumps({
+        "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
+            "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
+        "loss": [float(v) for v in history.history["loss"]],
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_epoch": round(train_seconds / max(recipe.epochs, 1), 1)}))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    keras.backend.clear_session()
+
+
+def _Progress(bar, photos: list[Photo], recipe: Recipe):
+    """A Keras callback moving ``bar`` by each batch's photos, with the running loss."""
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            start = batch * recipe.batch_size
+            bar.update(len(photos[start:start + recipe.batch_size]))
+            if logs and "loss" in logs:
+                bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    return Progress()
+
+
+def _entry(backbone: Backbone, path: Path, k) -> Backbone:
+    return Backbone(f"{backbone.name}-ft{int(k)}", None, backbone.input_size, "none",
+                    backbone.feature_dim, str(path), path.name, resize=backbone.resize)
+
+
+def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str, np.ndarray]]:
+    info = json.loads((done / "fold.json").read_text())
+    with np.load(done / "features.npz") as z:
+        feats = dict(zip(z["ids"].tolist(), z["gap"]))
+    head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
+    head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
+    return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
+
+
+def fold_stats(work: Path) -> list[dict]:
+    """What each kept fold says about its training (seconds, loss per epoch)."""
+    return [{k: v for k, v in json.loads(f.read_text()).items() if k != "head"}
+            for f in sorted(Path(work).glob("fold*/fold.json"))]
 
 
 # ==================== oof/store.py ====================
@@ -2708,7 +2988,9 @@ PRIOR = "imagenet"  # level-1 name "<backbone>/imagenet": the backbone's ImageNe
 class Ensemble:
     """Everything needed to go from GAP features to P(dog).
 
-    backbones: per backbone, what makes its features (registry entry, resolved weights, tta).
+    backbones: per backbone, what makes its features (registry entry, resolved weights, tta); a
+        fine-tuned fold network is one too, marked ``fold_network_of`` (its weights: a ``.keras``
+        file kept in the saved ensemble's ``finetuned/`` folder).
     level1: model name ("<backbone>/<head>") -> its CrossFit; the key order is the stackers' input order.
     concat: concat-fusion's CrossFit (inputs: backbones' features in ``backbones`` order), or None.
     level2: stacker name -> CrossFit over the level-1 columns.
@@ -2730,15 +3012,21 @@ class Ensemble:
     def backbone_of(self, level1_name: str) -> str:
         return level1_name.split("/")[0]
 
+    @property
+    def feature_backbones(self) -> list[dict]:
+        """The backbones whose GAP features the heads and concat-fusion read (not fold networks)."""
+        return [b for b in self.backbones if not b.get("fold_network_of")]
+
     def predict_all(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """P(dog) of every model for rows given as {backbone name: (n, D) features}.
 
         Rows whose features are NaN in a backbone (unreadable photo) get 0.5 from that backbone.
         """
-        out = {name: _predict_rows(cf, features[self.backbone_of(name)])
+        out = {name: _predict_level1(cf, features, self.backbone_of(name))
                for name, cf in self.level1.items()}
         if self.concat:
-            out[CONCAT] = _predict_rows(self.concat, np.hstack([features[b["name"]] for b in self.backbones]))
+            out[CONCAT] = _predict_rows(self.concat, np.hstack([features[b["name"]]
+                                                                for b in self.feature_backbones]))
         if self.level2:
             level1 = np.column_stack([out[name] for name in self.level1])
             for name, cf in self.level2.items():
@@ -2750,10 +3038,22 @@ class Ensemble:
         return clip(self.predict_all(features)[self.submit_with], self.clip)
 
     def save(self, folder: str | Path) -> None:
+        """``ensemble.joblib`` + ``ensemble.json``; fine-tuned fold networks are copied into
+        ``finetuned/`` and named relative to the folder, so the folder can move."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self, folder / "ensemble.joblib")
-        summary = {"backbones": self.backbones, "level1": list(self.level1),
+        saved = copy.copy(self)
+        saved.backbones = []
+        for b in self.backbones:
+            if b.get("fold_network_of"):
+                rel = f"finetuned/{b['name']}.keras"
+                (folder / "finetuned").mkdir(exist_ok=True)
+                if Path(b["weights"]).resolve() != (folder / rel).resolve():
+                    shutil.copyfile(b["weights"], folder / rel)
+                b = {**b, "weights": rel, "entry": {**b["entry"], "weights": rel}}
+            saved.backbones.append(b)
+        joblib.dump(saved, folder / "ensemble.joblib")
+        summary = {"backbones": saved.backbones, "level1": list(self.level1),
                    "concat_fusion": bool(self.concat), "level2": list(self.level2),
                    "submit_with": self.submit_with, "clip": self.clip,
                    "test_mode": next(iter(self.level1.values())).test_mode}
@@ -2764,7 +3064,23 @@ class Ensemble:
         path = Path(folder) / "ensemble.joblib"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no saved ensemble (made by python -m stacking.run)")
-        return joblib.load(path)
+        ens = joblib.load(path)
+        for b in ens.backbones:
+            if b.get("fold_network_of"):
+                b["weights"] = b["entry"]["weights"] = str(Path(folder).resolve() / b["weights"])
+        return ens
+
+    def weights_for(self, b: dict, override=None):
+        """The weights to build backbone ``b`` with: ``override`` (weights that moved) for the
+        pretrained backbones; a fold network always has its own file."""
+        return b["weights"] if b.get("fold_network_of") or not override else override
+
+
+def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str) -> np.ndarray:
+    if not cf.inputs:
+        return _predict_rows(cf, features[backbone])
+    return np.mean([_predict_rows(CrossFit(cf.oof, [m]), features[i])
+                    for m, i in zip(cf.models, cf.inputs)], axis=0)
 
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
@@ -2779,9 +3095,11 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
                  fold: np.ndarray, heads: list[str], concat_fusion: bool = True,
                  stackers: list[str] | None = None, test_mode: str = "fold_mean",
                  head_params: dict | None = None, tops: dict | None = None,
+                 finetuned: dict[str, CrossFit] | None = None,
                  log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
     """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
-    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior."""
+    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior;
+    ``finetuned``: level-1 models already cross-fitted on these folds (``oof.finetune``)."""
     head_params = head_params or {}
     oof: dict[str, np.ndarray] = {}
     level1: dict[str, CrossFit] = {}
@@ -2794,6 +3112,8 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
             level1[name] = cross_fit(model, features[b["name"]], y, fold, test_mode)
             oof[name] = level1[name].oof
             log(f"level 1: {name} fitted")
+    for name, cf in (finetuned or {}).items():
+        level1[name], oof[name] = cf, cf.oof
     concat = None
     if concat_fusion:
         X = np.hstack([features[b["name"]] for b in backbones])
@@ -3104,6 +3424,44 @@ def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def id_rows(table: dict[str, np.ndarray], ids: list[str], dim: int) -> np.ndarray:
+    """Rows of {photo id: feature vector} for ``ids`` (NaN where a photo has none)."""
+    X = np.full((len(ids), dim), np.nan, dtype=np.float32)
+    for k, i in enumerate(ids):
+        if i in table:
+            X[k] = table[i]
+    return X
+
+
+def finetune_all(args, photos: PhotoSet, names: list[str], loaded: dict, train: list, y: np.ndarray,
+                 fold: np.ndarray, extra: list) -> tuple[dict, list[dict], dict, dict]:
+    """Each backbone of ``--finetune`` trained once per fold (``oof.finetune``). Returns the
+    level-1 CrossFits, the fold networks as backbone descriptions, their features by photo id,
+    and what the report says of each."""
+    recipe = Recipe(epochs=args.finetune_epochs, seed=args.seed)
+    models, described, features, info = {}, [], {}, {}
+    train_ids = [p.id for p in train]
+    for name in names:
+        backbone = get_backbone(name)
+        if backbone.name not in loaded:  # the warm-up reads its frozen GAP features
+            loaded[backbone.name] = load_features(extract(photos, name, args.weights, args.cache,
+                                                          args.batch_size, precision=args.precision))
+        warm = rows({backbone.name: loaded[backbone.name]}, train_ids, "train")[backbone.name]
+        resolved = resolve_weights(backbone, args.weights)
+        work = work_folder(Path(args.cache) / "finetune", backbone, weights_identity(resolved), recipe,
+                           train_ids, y, fold)
+        result = finetune_folds(backbone, args.weights, train, y, fold, warm, extra, work, recipe)
+        models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
+        for net in result.networks:
+            described.append({"name": net.entry.name, "entry": asdict(net.entry),
+                              "weights": net.entry.weights, "tta": False, "precision": "float32",
+                              "fold_network_of": backbone.name})
+        features.update(result.features)
+        info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
+                               "seconds_this_run": result.seconds}
+    return models, described, features, info
+
+
 def read_exclusions(path: str | Path) -> set[str]:
     """Ids to leave out of training: rows of an outliers.csv (from features.clean) whose ``drop``
     is 1, or every row when the file has no ``drop`` column."""
@@ -3181,6 +3539,22 @@ def run(args: argparse.Namespace) -> dict:
     folds = align_folds(folds, train_ids)
     fold = folds["fold"].to_numpy()
 
+    finetune_names = [b.strip() for b in args.finetune.split(",") if b.strip()]
+    finetuned, ft_described, ft_features, ft_info = {}, [], {}, {}
+    if finetune_names:
+        if args.exclude:
+            raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
+                             "would have to be trained twice)")
+        finetuned, ft_described, ft_features, ft_info = finetune_all(
+            args, photos, finetune_names, loaded, train, y, fold, held + photos.test)
+
+    def features_of(ids: list[str], split: str) -> dict[str, np.ndarray]:
+        """Every backbone's rows for ``ids``, fold networks included."""
+        out = rows({b["name"]: loaded[b["name"]] for b in described}, ids, split)
+        for b in ft_described:
+            out[b["name"]] = id_rows(ft_features[b["name"]], ids, b["entry"]["feature_dim"])
+        return out
+
     exclusion = None
     if args.exclude:
         keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
@@ -3193,7 +3567,8 @@ def run(args: argparse.Namespace) -> dict:
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     fit_started = time.time()
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                 test_mode=args.test_mode, tops=tops, log=log.info)
+                                 test_mode=args.test_mode, tops=tops, finetuned=finetuned, log=log.info)
+    ensemble.backbones = described + ft_described
     fit_seconds = time.time() - fit_started
     if args.exclude:
         excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
@@ -3208,7 +3583,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, p in oof.items():
         save_oof(prediction_path(out / "oof", name), train_ids, y, fold, p)
     test_ids = [p.id for p in photos.test]
-    test_pred = ensemble.predict_all(rows(loaded, test_ids, "test"))
+    test_pred = ensemble.predict_all(features_of(test_ids, "test"))
     for name, p in test_pred.items():
         save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
@@ -3218,12 +3593,13 @@ def run(args: argparse.Namespace) -> dict:
     if held:
         held_ids = [p.id for p in held]
         held_y = np.array([p.label for p in held])
-        held_pred = ensemble.predict_all(rows(loaded, held_ids, "train"))
+        held_pred = ensemble.predict_all(features_of(held_ids, "train"))
         holdout = {name: scores(held_y, held_pred[name]) for name in cv}
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
+            "finetune": ft_info or None,
             "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
@@ -3254,6 +3630,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
+    parser.add_argument("--finetune", default="",
+                        help="comma-separated backbones to fine-tune, one network per fold, as "
+                             "level-1 models <backbone>/finetuned (off by default: hours on a CPU)")
+    parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
+                        help="epochs of whole-network training per fold (default: %(default)s)")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
                              "own ImageNet classifier, on by default where its top weights are at hand)")
@@ -3344,6 +3725,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", default=BACKBONES)
     parser.add_argument("--weights-dir", default=WEIGHTS_DIR)
     parser.add_argument("--folds", type=int, default=FOLDS)
+    parser.add_argument("--finetune", default=FINETUNE)
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
@@ -3357,6 +3740,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
                     "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
+    run_args += ["--finetune", args.finetune] if args.finetune else []
+    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:
         run_args += ["--batch-size", str(GPU_BATCH_SIZE)]

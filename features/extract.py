@@ -131,10 +131,11 @@ def _chunks(photos: list[Photo], size: int) -> list[list[Photo]]:
     return [photos[i:i + size] for i in range(0, len(photos), size)]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+    """A tqdm bar: live on a terminal, a line every 10 s in a log (a Kaggle notebook's output)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or total == 0,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0,
                 mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
 
 
@@ -312,7 +313,7 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
     needs = [(split, k, chunk, [n for n in extractors if not journals[n].has(split, k)])
              for split, k, chunk in every]
     needs = [t for t in needs if t[3]]
-    bar = _progress(sum(len(t[2]) * len(t[3]) for t in needs), "+".join(extractors), progress)
+    bar = progress_bar(sum(len(t[2]) * len(t[3]) for t in needs), "+".join(extractors), progress)
     seconds, done, reported = dict.fromkeys(extractors, 0.0), dict.fromkeys(extractors, 0), set()
     reader = PhotoReader()
     for split, k, chunk, names in needs:
@@ -440,7 +441,7 @@ def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: in
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
-    bar = _progress(total, backbone.name, progress)
+    bar = progress_bar(total, backbone.name, progress)
     started, failures = time.perf_counter(), 0
     feats, reasons_all = [], []
     for (split, k, chunk, _), (batch, out, reasons) in zip(tasks, ex.stream([t[3] for t in tasks])):

@@ -18,15 +18,22 @@ TEST_MODES = ("fold_mean", "refit")
 @dataclass
 class CrossFit:
     """oof: P(class 1) for every training row, from the model that did not see its fold.
-    models: the fold models (fold_mean) or the single refitted model (refit)."""
+    models: the fold models (fold_mean) or the single refitted model (refit).
+    inputs: None when every model reads the same features; else, per model, the name of the
+    features it reads (a fine-tuned fold network's own GAP features, ``oof.finetune``)."""
 
     oof: np.ndarray
     models: list = field(default_factory=list)
     test_mode: str = "fold_mean"
+    inputs: list[str] | None = None
 
     def predict(self, X) -> np.ndarray:
         """P(class 1) for new rows, the way the test set is predicted."""
         return np.mean([positive_proba(m, X) for m in self.models], axis=0)
+
+    def predict_from(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """P(class 1) when each model reads its own features (``inputs``)."""
+        return np.mean([positive_proba(m, features[i]) for m, i in zip(self.models, self.inputs)], axis=0)
 
 
 def positive_proba(model, X) -> np.ndarray:

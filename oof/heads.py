@@ -172,6 +172,6 @@ def make_head(name: str, **params):
 
 def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b."""
-    if isinstance(head, KerasHead):
+    if hasattr(head, "scale_"):  # KerasHead, and a fine-tuned network's DenseHead
         return head.mean_, head.scale_, head.coef_, head.intercept_
     return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])

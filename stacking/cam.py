@@ -92,15 +92,18 @@ class LinearMaps:
 def linear_maps(cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]) -> LinearMaps:
     """The logit of ``cf`` on the GAP of ``fmaps`` (backbones ``names``, side by side as the model
     saw them) and, per backbone, sum_k g_k * (fold k's logit map - its mean), where fold k's map
-    is its gradient at the GAP times each position's features (a linear head: its own logit map)."""
-    gap = np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in names])
-    z = fold_logits(cf, gap)
+    is its gradient at the GAP times each position's features (a linear head: its own logit map).
+    Fold models that read features of their own (``cf.inputs``: fine-tuned fold networks) each
+    read their backbone's map."""
+    reads = [[i] for i in cf.inputs] if cf.inputs else [names] * len(cf.models)
+    gaps = [np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in r]) for r in reads]
+    z = np.array([float(m.decision_function(g[None, :])[0]) for m, g in zip(cf.models, gaps)])
     shares = fold_shares(z)
-    deviations = {n: np.zeros(fmaps[n].shape[:2]) for n in names}
-    for share, model in zip(shares, cf.models):
+    deviations = {n: np.zeros(fmaps[n].shape[:2]) for r in reads for n in r}
+    for share, model, gap, r in zip(shares, cf.models, gaps, reads):
         grad = feature_gradient(model, gap)
         start = 0
-        for n in names:
+        for n in r:
             f = fmaps[n].astype(np.float64)
             width = f.shape[-1]
             w = grad[start:start + width]
@@ -150,7 +153,7 @@ class CamExplainer:
         self.extractors = {}
         for b in ensemble.backbones:
             backbone = Backbone(**b["entry"])
-            w = weights or b["weights"]
+            w = ensemble.weights_for(b, weights)
             self.extractors[b["name"]] = Extractor(backbone, w, runtime, batch_size=1, streams=1,
                                                    model=build_feature_map_model(backbone, w))
 
@@ -178,7 +181,7 @@ class CamExplainer:
             raise KeyError(f"no model '{model}' in this ensemble; it has {', '.join(ens.model_names)}")
         note = ""
         if model == CONCAT:
-            lm = linear_maps(ens.concat, fmaps, self.names)
+            lm = linear_maps(ens.concat, fmaps, [b["name"] for b in ens.feature_backbones])
             logit, deviations, weights = lm.logit, lm.deviations, {CONCAT: 1.0}
         else:
             columns = {name: linear_maps(cf, fmaps, [ens.backbone_of(name)])

@@ -10,7 +10,9 @@ run predicted the test set.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,9 @@ PRIOR = "imagenet"  # level-1 name "<backbone>/imagenet": the backbone's ImageNe
 class Ensemble:
     """Everything needed to go from GAP features to P(dog).
 
-    backbones: per backbone, what makes its features (registry entry, resolved weights, tta).
+    backbones: per backbone, what makes its features (registry entry, resolved weights, tta); a
+        fine-tuned fold network is one too, marked ``fold_network_of`` (its weights: a ``.keras``
+        file kept in the saved ensemble's ``finetuned/`` folder).
     level1: model name ("<backbone>/<head>") -> its CrossFit; the key order is the stackers' input order.
     concat: concat-fusion's CrossFit (inputs: backbones' features in ``backbones`` order), or None.
     level2: stacker name -> CrossFit over the level-1 columns.
@@ -53,15 +57,21 @@ class Ensemble:
     def backbone_of(self, level1_name: str) -> str:
         return level1_name.split("/")[0]
 
+    @property
+    def feature_backbones(self) -> list[dict]:
+        """The backbones whose GAP features the heads and concat-fusion read (not fold networks)."""
+        return [b for b in self.backbones if not b.get("fold_network_of")]
+
     def predict_all(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """P(dog) of every model for rows given as {backbone name: (n, D) features}.
 
         Rows whose features are NaN in a backbone (unreadable photo) get 0.5 from that backbone.
         """
-        out = {name: _predict_rows(cf, features[self.backbone_of(name)])
+        out = {name: _predict_level1(cf, features, self.backbone_of(name))
                for name, cf in self.level1.items()}
         if self.concat:
-            out[CONCAT] = _predict_rows(self.concat, np.hstack([features[b["name"]] for b in self.backbones]))
+            out[CONCAT] = _predict_rows(self.concat, np.hstack([features[b["name"]]
+                                                                for b in self.feature_backbones]))
         if self.level2:
             level1 = np.column_stack([out[name] for name in self.level1])
             for name, cf in self.level2.items():
@@ -73,10 +83,22 @@ class Ensemble:
         return clip(self.predict_all(features)[self.submit_with], self.clip)
 
     def save(self, folder: str | Path) -> None:
+        """``ensemble.joblib`` + ``ensemble.json``; fine-tuned fold networks are copied into
+        ``finetuned/`` and named relative to the folder, so the folder can move."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self, folder / "ensemble.joblib")
-        summary = {"backbones": self.backbones, "level1": list(self.level1),
+        saved = copy.copy(self)
+        saved.backbones = []
+        for b in self.backbones:
+            if b.get("fold_network_of"):
+                rel = f"finetuned/{b['name']}.keras"
+                (folder / "finetuned").mkdir(exist_ok=True)
+                if Path(b["weights"]).resolve() != (folder / rel).resolve():
+                    shutil.copyfile(b["weights"], folder / rel)
+                b = {**b, "weights": rel, "entry": {**b["entry"], "weights": rel}}
+            saved.backbones.append(b)
+        joblib.dump(saved, folder / "ensemble.joblib")
+        summary = {"backbones": saved.backbones, "level1": list(self.level1),
                    "concat_fusion": bool(self.concat), "level2": list(self.level2),
                    "submit_with": self.submit_with, "clip": self.clip,
                    "test_mode": next(iter(self.level1.values())).test_mode}
@@ -87,7 +109,23 @@ class Ensemble:
         path = Path(folder) / "ensemble.joblib"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no saved ensemble (made by python -m stacking.run)")
-        return joblib.load(path)
+        ens = joblib.load(path)
+        for b in ens.backbones:
+            if b.get("fold_network_of"):
+                b["weights"] = b["entry"]["weights"] = str(Path(folder).resolve() / b["weights"])
+        return ens
+
+    def weights_for(self, b: dict, override=None):
+        """The weights to build backbone ``b`` with: ``override`` (weights that moved) for the
+        pretrained backbones; a fold network always has its own file."""
+        return b["weights"] if b.get("fold_network_of") or not override else override
+
+
+def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str) -> np.ndarray:
+    if not cf.inputs:
+        return _predict_rows(cf, features[backbone])
+    return np.mean([_predict_rows(CrossFit(cf.oof, [m]), features[i])
+                    for m, i in zip(cf.models, cf.inputs)], axis=0)
 
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
@@ -102,9 +140,11 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
                  fold: np.ndarray, heads: list[str], concat_fusion: bool = True,
                  stackers: list[str] | None = None, test_mode: str = "fold_mean",
                  head_params: dict | None = None, tops: dict | None = None,
+                 finetuned: dict[str, CrossFit] | None = None,
                  log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
     """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
-    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior."""
+    ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior;
+    ``finetuned``: level-1 models already cross-fitted on these folds (``oof.finetune``)."""
     head_params = head_params or {}
     oof: dict[str, np.ndarray] = {}
     level1: dict[str, CrossFit] = {}
@@ -117,6 +157,8 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
             level1[name] = cross_fit(model, features[b["name"]], y, fold, test_mode)
             oof[name] = level1[name].oof
             log(f"level 1: {name} fitted")
+    for name, cf in (finetuned or {}).items():
+        level1[name], oof[name] = cf, cf.oof
     concat = None
     if concat_fusion:
         X = np.hstack([features[b["name"]] for b in backbones])

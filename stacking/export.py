@@ -57,6 +57,19 @@ def _dense(x, weights: np.ndarray, biases: np.ndarray, name: str):
     return out
 
 
+def _level1_head(feats: dict, ensemble: Ensemble, h: str):
+    """A level-1 model's P(dog) column: its fold models on its backbone's features, or, for a
+    fine-tuned model, each fold's head on its own fold network's features, averaged."""
+    from keras import ops
+
+    cf, name = ensemble.level1[h], "head_" + h.replace("/", "_")
+    if not cf.inputs:
+        return _fold_head(feats[ensemble.backbone_of(h)], cf, name)
+    parts = [_fold_head(feats[i], CrossFit(cf.oof, [m]), f"{name}_{k}")
+             for k, (m, i) in enumerate(zip(cf.models, cf.inputs))]
+    return ops.mean(ops.concatenate(parts, axis=-1), axis=-1, keepdims=True)
+
+
 def _fold_head(features, cf: CrossFit, name: str):
     """Mean over folds of sigmoid(linear head), on the GAP features."""
     from keras import ops
@@ -136,9 +149,14 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
         if use not in ensemble.model_names:
             raise ExportError(f"no model '{use}' in this ensemble; it has {', '.join(ensemble.model_names)}")
         if use in ensemble.level1:
-            heads, backbones = [use], [ensemble.backbone_of(use)]
+            heads, backbones = [use], []
+        elif use == CONCAT:
+            heads, backbones = [], [b["name"] for b in ensemble.feature_backbones]
         else:
-            heads, backbones = list(ensemble.level1), all_names
+            heads, backbones = list(ensemble.level1), []
+    # What each head reads: its backbone's features, or (fine-tuned) its fold networks' own.
+    backbones = [*backbones, *(i for h in heads
+                               for i in ensemble.level1[h].inputs or [ensemble.backbone_of(h)])]
     entries = {b["name"]: b for b in ensemble.backbones if b["name"] in backbones}
     sizes = {n: tuple(e["entry"]["input_size"]) for n, e in entries.items()}
     height, width = max(sizes.values())
@@ -150,17 +168,16 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
         x = pixels
         if sizes[name] != (height, width):  # one input for all: smaller backbones resize in-graph
             x = keras.layers.Resizing(*sizes[name], interpolation="bilinear", name=f"resize_{name}")(x)
-        gap = build_gap_model(Backbone(**b["entry"]), weights or b["weights"])
+        gap = build_gap_model(Backbone(**b["entry"]), ensemble.weights_for(b, weights))
         f = gap(x)
         if b.get("tta"):
             f = (f + gap(ops.flip(x, axis=2))) / 2
         feats[name] = f
     if use == CONCAT:
-        p = _fold_head(ops.concatenate([feats[n] for n in entries], axis=-1), ensemble.concat, "concat_head")
+        p = _fold_head(ops.concatenate([feats[b["name"]] for b in ensemble.feature_backbones], axis=-1),
+                       ensemble.concat, "concat_head")
     else:
-        columns = ops.concatenate([_fold_head(feats[ensemble.backbone_of(h)], ensemble.level1[h],
-                                              "head_" + h.replace("/", "_"))
-                                   for h in heads], axis=-1)
+        columns = ops.concatenate([_level1_head(feats, ensemble, h) for h in heads], axis=-1)
         if use in ensemble.level2:
             p = _stack(columns, ensemble.level2[use])
         else:

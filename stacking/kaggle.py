@@ -26,6 +26,8 @@ BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public w
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
+FINETUNE = ""  # e.g. "xception": also fine-tune these backbones, one network per fold (hours)
+FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: the recipe's)
 # --- end settings ---
 
 
@@ -72,6 +74,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", default=BACKBONES)
     parser.add_argument("--weights-dir", default=WEIGHTS_DIR)
     parser.add_argument("--folds", type=int, default=FOLDS)
+    parser.add_argument("--finetune", default=FINETUNE)
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
@@ -85,6 +89,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
                     "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
+    run_args += ["--finetune", args.finetune] if args.finetune else []
+    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:
         run_args += ["--batch-size", str(GPU_BATCH_SIZE)]

@@ -31,7 +31,7 @@ class Predictor:
         batch costs a full batch's time and one photo is fastest on every core)."""
         self.ensemble = Ensemble.load(model_dir)
         self.extractors = {
-            b["name"]: Extractor(Backbone(**b["entry"]), weights or b["weights"], runtime,
+            b["name"]: Extractor(Backbone(**b["entry"]), self.ensemble.weights_for(b, weights), runtime,
                                  batch_size, tta=b.get("tta", False), streams=streams,
                                  precision=b.get("precision", "float32"))
             for b in self.ensemble.backbones}

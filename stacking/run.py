@@ -2,10 +2,11 @@
 
     python -m stacking.run --folds 5 [--data DIR ...] [--backbones a,b,c] [--out DIR]
                            [--submit-with MODEL] [--holdout FRACTION] [--no-imagenet]
+                           [--finetune BACKBONE[,BACKBONE...] [--finetune-epochs N]]
 
 Extracts missing features through the cache, makes the folds once, fits every backbone's head,
-its ImageNet prior (where the backbone's ImageNet classifier is at hand), concat-fusion and the
-stackers on those folds, and writes into ``--out``: submission.csv, folds.csv,
+its ImageNet prior (where the backbone's ImageNet classifier is at hand), the fine-tuned networks
+asked for (``--finetune``, one per fold), concat-fusion and the stackers on those folds, and writes into ``--out``: submission.csv, folds.csv,
 oof/ and test/ predictions of every model, report.md + report.json + plots, and model/ (the
 fitted ensemble, for ``python -m stacking.predict``).
 """
@@ -26,17 +27,17 @@ from features.cache import StaleCacheError, load_features
 from features.data import DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
 from features.extract import extract, extract_many, setup_logging
-from features.models import resolve_weights
+from features.models import resolve_weights, weights_identity
 from features.registry import get_backbone
 from features.runtime import PRECISIONS
-from oof.crossfit import TEST_MODES
+from oof.crossfit import TEST_MODES, cross_fit
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
-from oof.crossfit import cross_fit
+from oof.finetune import FINETUNED, Recipe, finetune_folds, fold_stats, work_folder
 from stacking.ensemble import PRIOR, fit_ensemble
-from stacking.stackers import STACKERS
 from stacking.report import choose_model, write_report
+from stacking.stackers import STACKERS
 from stacking.submission import (CLIP, CLIP_MODES, SUBMISSIONS, scores, write_model_submissions,
                                  write_submission)
 
@@ -100,6 +101,44 @@ def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
             X[dst] = table[src]
         out[name] = X
     return out
+
+
+def id_rows(table: dict[str, np.ndarray], ids: list[str], dim: int) -> np.ndarray:
+    """Rows of {photo id: feature vector} for ``ids`` (NaN where a photo has none)."""
+    X = np.full((len(ids), dim), np.nan, dtype=np.float32)
+    for k, i in enumerate(ids):
+        if i in table:
+            X[k] = table[i]
+    return X
+
+
+def finetune_all(args, photos: PhotoSet, names: list[str], loaded: dict, train: list, y: np.ndarray,
+                 fold: np.ndarray, extra: list) -> tuple[dict, list[dict], dict, dict]:
+    """Each backbone of ``--finetune`` trained once per fold (``oof.finetune``). Returns the
+    level-1 CrossFits, the fold networks as backbone descriptions, their features by photo id,
+    and what the report says of each."""
+    recipe = Recipe(epochs=args.finetune_epochs, seed=args.seed)
+    models, described, features, info = {}, [], {}, {}
+    train_ids = [p.id for p in train]
+    for name in names:
+        backbone = get_backbone(name)
+        if backbone.name not in loaded:  # the warm-up reads its frozen GAP features
+            loaded[backbone.name] = load_features(extract(photos, name, args.weights, args.cache,
+                                                          args.batch_size, precision=args.precision))
+        warm = rows({backbone.name: loaded[backbone.name]}, train_ids, "train")[backbone.name]
+        resolved = resolve_weights(backbone, args.weights)
+        work = work_folder(Path(args.cache) / "finetune", backbone, weights_identity(resolved), recipe,
+                           train_ids, y, fold)
+        result = finetune_folds(backbone, args.weights, train, y, fold, warm, extra, work, recipe)
+        models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
+        for net in result.networks:
+            described.append({"name": net.entry.name, "entry": asdict(net.entry),
+                              "weights": net.entry.weights, "tta": False, "precision": "float32",
+                              "fold_network_of": backbone.name})
+        features.update(result.features)
+        info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
+                               "seconds_this_run": result.seconds}
+    return models, described, features, info
 
 
 def read_exclusions(path: str | Path) -> set[str]:
@@ -179,6 +218,22 @@ def run(args: argparse.Namespace) -> dict:
     folds = align_folds(folds, train_ids)
     fold = folds["fold"].to_numpy()
 
+    finetune_names = [b.strip() for b in args.finetune.split(",") if b.strip()]
+    finetuned, ft_described, ft_features, ft_info = {}, [], {}, {}
+    if finetune_names:
+        if args.exclude:
+            raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
+                             "would have to be trained twice)")
+        finetuned, ft_described, ft_features, ft_info = finetune_all(
+            args, photos, finetune_names, loaded, train, y, fold, held + photos.test)
+
+    def features_of(ids: list[str], split: str) -> dict[str, np.ndarray]:
+        """Every backbone's rows for ``ids``, fold networks included."""
+        out = rows({b["name"]: loaded[b["name"]] for b in described}, ids, split)
+        for b in ft_described:
+            out[b["name"]] = id_rows(ft_features[b["name"]], ids, b["entry"]["feature_dim"])
+        return out
+
     exclusion = None
     if args.exclude:
         keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
@@ -191,7 +246,8 @@ def run(args: argparse.Namespace) -> dict:
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
     fit_started = time.time()
     ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                 test_mode=args.test_mode, tops=tops, log=log.info)
+                                 test_mode=args.test_mode, tops=tops, finetuned=finetuned, log=log.info)
+    ensemble.backbones = described + ft_described
     fit_seconds = time.time() - fit_started
     if args.exclude:
         excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
@@ -206,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, p in oof.items():
         save_oof(prediction_path(out / "oof", name), train_ids, y, fold, p)
     test_ids = [p.id for p in photos.test]
-    test_pred = ensemble.predict_all(rows(loaded, test_ids, "test"))
+    test_pred = ensemble.predict_all(features_of(test_ids, "test"))
     for name, p in test_pred.items():
         save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
@@ -216,12 +272,13 @@ def run(args: argparse.Namespace) -> dict:
     if held:
         held_ids = [p.id for p in held]
         held_y = np.array([p.label for p in held])
-        held_pred = ensemble.predict_all(rows(loaded, held_ids, "train"))
+        held_pred = ensemble.predict_all(features_of(held_ids, "train"))
         holdout = {name: scores(held_y, held_pred[name]) for name in cv}
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
+            "finetune": ft_info or None,
             "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
@@ -252,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
+    parser.add_argument("--finetune", default="",
+                        help="comma-separated backbones to fine-tune, one network per fold, as "
+                             "level-1 models <backbone>/finetuned (off by default: hours on a CPU)")
+    parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
+                        help="epochs of whole-network training per fold (default: %(default)s)")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
                              "own ImageNet classifier, on by default where its top weights are at hand)")

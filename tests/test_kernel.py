@@ -76,9 +76,11 @@ def test_kernel_runs_alone_on_zipped_kaggle_input(tmp_path):
     root = kaggle_input(tmp_path, 30, 12)
     work, out = run_kernel(tmp_path, "--data", str(root / "dogs-vs-cats-redux-kernels-edition"),
                            "--backbones", "efficientnet_lite0,efficientnet_lite2",
-                           "--weights-dir", str(WEIGHTS), "--folds", "3")
+                           "--weights-dir", str(WEIGHTS), "--folds", "3",
+                           "--finetune", "efficientnet_lite0", "--finetune-epochs", "1")
     check_outputs(work, out, ("efficientnet_lite0/logistic", "efficientnet_lite2/logistic",
-                              "efficientnet_lite2/imagenet", "concat-fusion", "stack-lr", "stack-lgbm"), 12)
+                              "efficientnet_lite2/imagenet", "efficientnet_lite0/finetuned", "concat-fusion",
+                              "stack-lr", "stack-lgbm"), 12)
     assert "What the ImageNet prior adds" in (work / "out" / "report.md").read_text()
     assert (work / "cache" / "gap_efficientnet_lite0.h5").exists()
 

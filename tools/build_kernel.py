@@ -25,7 +25,7 @@ MODULES = [
     "features/models.py", "features/imagenet.py", "features/images.py",
     "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py",
     "features/extract.py",
-    "oof/folds.py", "oof/heads.py", "oof/prior.py", "oof/crossfit.py", "oof/store.py",
+    "oof/folds.py", "oof/heads.py", "oof/prior.py", "oof/crossfit.py", "oof/finetune.py", "oof/store.py",
     "stacking/submission.py", "stacking/stackers.py", "stacking/ensemble.py", "stacking/report.py",
     "stacking/run.py", "stacking/kaggle.py",
 ]

@@ -1,0 +1,299 @@
+"""Fine-tuned backbones as level-1 models, cross-fitted on the run's folds.
+
+For fold k a copy of the backbone, with a Dropout + Dense(1, sigmoid) head on its global average
+pool, is trained on the photos outside fold k and predicts fold k: every training photo gets an
+out-of-fold P(dog), the test set the mean of the K fold networks, like every other level-1 model.
+
+What the rest of the package sees: each fold network's feature-map model, saved as a ``.keras``
+file, is a backbone of its own (``<backbone>-ft<k>``, a saved-model registry entry), and its head
+is a linear model on that backbone's GAP features (``DenseHead``). So ``stacking.predict``, the web
+page's CAM (exact in the mean: the head is linear in the GAP) and the export take a fine-tuned
+model with no code path of their own.
+
+Training streams photos from disk: a ``keras.utils.PyDataset`` decodes and resizes each batch in
+worker threads while the step runs, so memory is flat in the number of photos. Each finished fold
+is kept (network, head, predictions) under a folder named by everything that determines it, so an
+interrupted run resumes at the first unfinished fold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from features.data import Photo, PhotoReader
+from features.defaults import SEED, WORKERS
+from features.extract import Extractor, load_batch, progress_bar
+from features.models import build_feature_map_model, resolve_weights, weights_identity
+from features.registry import Backbone, get_backbone
+from oof.crossfit import CrossFit
+from oof.heads import BinaryClassifier, KerasHead, validate_data
+
+log = logging.getLogger("gapstack")
+
+FINETUNED = "finetuned"  # level-1 name "<backbone>/finetuned"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How each fold network is trained (benchmarks/RESULTS.md says how it was chosen).
+
+    The head starts from a Dropout + Dense head fitted on the frozen backbone's cached GAP features
+    (the warm-up epoch of the usual recipe, without a pass over the photos); then the whole network
+    trains for ``epochs`` at ``learning_rate`` (Adam) with BatchNormalization frozen (its running
+    statistics kept: batches of 32 are too small to re-estimate them) and random horizontal flips.
+    """
+
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    dropout: float = 0.2
+    flip: bool = True
+    freeze_batchnorm: bool = True
+    warmup_epochs: int = 20  # of the head on cached GAP features
+    seed: int = SEED
+
+
+class DenseHead(BinaryClassifier):
+    """A fitted Dense(1, sigmoid) head as a linear model on GAP features: logit = X @ coef + b.
+    ``fit`` learns nothing (the network trained it); it only records the classes."""
+
+    def __init__(self, coef=None, intercept: float = 0.0):
+        self.coef = coef
+        self.intercept = intercept
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        self._set_classes(y)
+        self.mean_ = np.zeros(X.shape[1])
+        self.scale_ = np.ones(X.shape[1])
+        self.coef_, self.intercept_ = np.asarray(self.coef, np.float64), float(self.intercept)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return X @ self.coef_ + self.intercept_
+
+
+class PhotoBatches:
+    """Training batches streamed from disk: (pixels, labels, weights), unreadable photos weighted 0,
+    a new order and new flips every epoch (seeded). Wrapped as a ``keras.utils.PyDataset`` by
+    ``batches`` so Keras decodes ahead in worker threads."""
+
+    def __init__(self, photos: list[Photo], labels: np.ndarray, backbone: Backbone, batch_size: int,
+                 flip: bool, seed: int):
+        self.photos, self.labels = photos, np.asarray(labels, np.float32)
+        self.backbone, self.batch_size, self.flip, self.seed = backbone, batch_size, flip, seed
+        self.reader, self.epoch = PhotoReader(), 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.photos))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.photos) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        pixels, reasons = load_batch(self.reader, [self.photos[j] for j in idx], self.backbone, False)
+        if self.flip:
+            mirror = np.random.default_rng([self.seed, self.epoch, i]).random(len(idx)) < 0.5
+            pixels[mirror] = pixels[mirror, :, ::-1]
+        weights = np.array([0.0 if r else 1.0 for r in reasons], np.float32)
+        return pixels, self.labels[idx], weights
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
+
+
+def batches(source: PhotoBatches, workers: int):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
+
+        def __len__(self):
+            return len(source)
+
+        def __getitem__(self, i):
+            return source[i]
+
+        def on_epoch_end(self):
+            source.on_epoch_end()
+
+    return Batches()
+
+
+def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None):
+    """(training model: pixels -> P(dog), feature-map model inside it). BatchNormalization
+    frozen as the recipe says; ``head``: (kernel, bias) to start the Dense from."""
+    import keras
+
+    fmap = build_feature_map_model(backbone, weights)
+    if recipe.freeze_batchnorm:
+        for layer in _all_layers(fmap):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
+    x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="head")
+    p = dense(x)
+    if head is not None:
+        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1),
+                           np.asarray([head[1]], np.float32)])
+    return keras.Model(fmap.input, p, name=f"{backbone.name}_finetune"), fmap
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+@dataclass
+class FoldNetwork:
+    """One fold's network: its feature-map model file, as a registry entry, and its head."""
+
+    entry: Backbone
+    head: DenseHead
+
+
+@dataclass
+class FinetuneResult:
+    """oof: P(dog) per training row from the network that did not see its fold; networks: one per
+    fold; features: {fold backbone name: {photo id: GAP row}} for the rows each network predicted
+    (its held-out fold, the extra rows, the test photos); seconds: per fold."""
+
+    oof: np.ndarray
+    networks: list[FoldNetwork]
+    features: dict[str, dict[str, np.ndarray]]
+    seconds: list[float] = field(default_factory=list)
+
+    def crossfit(self) -> CrossFit:
+        """The level-1 CrossFit: fold k's head reads fold k's network's features."""
+        return CrossFit(self.oof, [n.head for n in self.networks], "fold_mean",
+                        inputs=[n.entry.name for n in self.networks])
+
+
+def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train_ids,
+                labels, fold: np.ndarray) -> Path:
+    """Where this fine-tuning keeps its finished folds: named by everything that determines them
+    (backbone, weights, recipe, photos, labels, folds), so a resumed run finds exactly its own."""
+    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), list(map(str, train_ids)),
+                                     np.asarray(labels).tolist(), np.asarray(fold).tolist()]).encode())
+    return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
+
+
+def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
+                   fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
+                   recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
+                   runtime: str = "auto") -> FinetuneResult:
+    """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
+    its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
+    backbone's GAP features of ``train`` (the warm-up of each fold's head)."""
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    resolved = resolve_weights(backbone, weights)
+    work.mkdir(parents=True, exist_ok=True)
+    oof = np.full(len(train), np.nan)
+    networks, features, seconds = [], {}, []
+    for k in np.unique(fold):
+        held = fold == k
+        done = work / f"fold{k}"
+        if (done / "fold.json").is_file():
+            log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
+        else:
+            started = time.perf_counter()
+            _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
+                        warm_features[~held], y[~held], recipe, done, workers, progress, k,
+                        [p for p, h in zip(train, held) if h] + extra, runtime)
+            seconds.append(round(time.perf_counter() - started, 1))
+        net, feats = _load_fold(done, backbone, k)
+        networks.append(net)
+        features[net.entry.name] = feats
+        X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
+        oof[held] = net.head.predict_proba(X)[:, 1]
+    return FinetuneResult(oof, networks, features, seconds)
+
+
+def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
+                warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
+                progress: bool, k: int, predict: list[Photo], runtime: str) -> None:
+    """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
+    import keras
+
+    warm = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
+                     random_state=recipe.seed + int(k)).fit(warm_X, warm_y)
+    keras.utils.set_random_seed(recipe.seed + int(k))
+    model, fmap = build_network(backbone, resolved, recipe, (warm.coef_, warm.intercept_))
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
+                                recipe.seed + int(k)), workers)
+    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
+    started = time.perf_counter()
+    bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
+    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe)])
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    tmp = done.with_name(done.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fmap.save(tmp / "network.keras")
+    kernel, bias = model.get_layer("head").get_weights()
+    # Predict through the saved file, exactly as stacking.predict will.
+    entry = _entry(backbone, tmp / "network.keras", k)
+    gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
+    np.savez(tmp / "features.npz", ids=np.array([p.id for p in predict], dtype=str), gap=gap)
+    (tmp / "fold.json").write_text(json.dumps({
+        "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
+            "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
+        "loss": [float(v) for v in history.history["loss"]],
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_epoch": round(train_seconds / max(recipe.epochs, 1), 1)}))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    keras.backend.clear_session()
+
+
+def _Progress(bar, photos: list[Photo], recipe: Recipe):
+    """A Keras callback moving ``bar`` by each batch's photos, with the running loss."""
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            start = batch * recipe.batch_size
+            bar.update(len(photos[start:start + recipe.batch_size]))
+            if logs and "loss" in logs:
+                bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    return Progress()
+
+
+def _entry(backbone: Backbone, path: Path, k) -> Backbone:
+    return Backbone(f"{backbone.name}-ft{int(k)}", None, backbone.input_size, "none",
+                    backbone.feature_dim, str(path), path.name, resize=backbone.resize)
+
+
+def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str, np.ndarray]]:
+    info = json.loads((done / "fold.json").read_text())
+    with np.load(done / "features.npz") as z:
+        feats = dict(zip(z["ids"].tolist(), z["gap"]))
+    head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
+    head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
+    return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
+
+
+def fold_stats(work: Path) -> list[dict]:
+    """What each kept fold says about its training (seconds, loss per epoch)."""
+    return [{k: v for k, v in json.loads(f.read_text()).items() if k != "head"}
+            for f in sorted(Path(work).glob("fold*/fold.json"))]

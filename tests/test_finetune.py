@@ -1,0 +1,122 @@
+"""Fine-tuned backbones as level-1 models: the whole path on a few dozen real photos, one epoch."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.data import Photo
+from features.images import decode_rgb
+from oof import finetune
+from stacking import run as run_mod
+from stacking.cam import CamExplainer
+from stacking.predict import Predictor
+from stacking.stackers import logit
+from tests.conftest import PHOTOS, make_kaggle_dir
+
+FT = "efficientnet_lite0/finetuned"
+
+
+def args_for(root, out: str) -> list[str]:
+    return ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
+            "--cache", str(root / "cache"), "--out", str(root / out), "--finetune",
+            "efficientnet_lite0", "--finetune-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory):
+    """12 cats, 12 dogs (ids 60-71), 6 test photos; a run interrupted after fold 0, then resumed."""
+    root = tmp_path_factory.mktemp("ft")
+    make_kaggle_dir(root / "data", 12, 6, start=60)
+    trained = []
+    real = finetune._train_fold
+
+    def interrupted(*a, **kw):
+        if trained:  # the second fold: the notebook session ends here
+            raise KeyboardInterrupt
+        trained.append(a[10])
+        return real(*a, **kw)
+
+    finetune._train_fold = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_mod.main(args_for(root, "first"))
+    finally:
+        finetune._train_fold = real
+    kept = sorted(p.parent.name for p in (root / "cache" / "finetune").glob("*/fold*/fold.json"))
+    assert kept == ["fold0"], kept
+    resumed = []
+
+    def counting(*a, **kw):
+        resumed.append(a[10])
+        return real(*a, **kw)
+
+    finetune._train_fold = counting
+    try:
+        assert run_mod.main(args_for(root, "out")) == 0
+    finally:
+        finetune._train_fold = real
+    return root, resumed
+
+
+def test_resumes_after_the_last_finished_fold(ft_run):
+    _, resumed = ft_run
+    assert resumed == [1]  # fold 0 was kept from the interrupted run, not refitted
+
+
+def test_oof_covers_every_training_photo_once(ft_run):
+    root, _ = ft_run
+    folds = pd.read_csv(root / "out" / "folds.csv", dtype={"id": str})
+    oof = pd.read_csv(root / "out" / "oof" / "efficientnet_lite0__finetuned.csv", dtype={"id": str})
+    assert oof["id"].tolist() == folds["id"].tolist() and oof["id"].is_unique and len(oof) == 24
+    assert oof["fold"].tolist() == folds["fold"].tolist()
+    assert oof["pred"].between(0, 1).all()
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert FT in report["cv"] and report["cv"][FT]["accuracy"] > 0.7
+    stats = report["finetune"]["efficientnet_lite0"]["folds"]
+    assert [s["fold"] for s in stats] == [0, 1] and all(s["train_seconds"] > 0 for s in stats)
+    assert "stack-lr" in report["cv"]  # stacked with the rest
+
+
+def test_fold_networks_reproduce_the_test_predictions(ft_run):
+    root, _ = ft_run
+    model = root / "out" / "model"
+    assert sorted(p.name for p in (model / "finetuned").iterdir()) == [
+        "efficientnet_lite0-ft0.keras", "efficientnet_lite0-ft1.keras"]
+    predictor = Predictor(model)
+    test = root / "data" / "test"
+    photos = [Photo(str(i), -1, str(test / f"{i}.jpg")) for i in range(1, 7)]
+    every, reasons = predictor.predict_all(photos)
+    assert not any(reasons)
+    saved = pd.read_csv(root / "out" / "test" / "efficientnet_lite0__finetuned.csv")
+    np.testing.assert_allclose(every[FT], saved["pred"].to_numpy(), atol=1e-5)
+    sub = pd.read_csv(root / "out" / "submission.csv")
+    p, _ = predictor.predict_photos(photos)
+    np.testing.assert_allclose(p, sub["label"].to_numpy(), atol=1e-5)
+    per_model = pd.read_csv(root / "out" / "submissions" / "efficientnet_lite0__finetuned.csv")
+    assert per_model["id"].tolist() == list(range(1, 7))
+
+
+def test_cam_exact_in_mean_with_the_fine_tuned_model(ft_run):
+    root, _ = ft_run
+    predictor = Predictor(root / "out" / "model")
+    cam = CamExplainer(predictor.ensemble)
+    name = "dog.701.jpg"
+    photo = Photo(name, -1, str(PHOTOS / "train" / name))
+    size = decode_rgb((PHOTOS / "train" / name).read_bytes(), name).shape[:2]
+    every, _ = predictor.predict_all([photo])
+    for model in (FT, "stack-lr"):
+        e = cam.explain(photo, size, model=model)
+        assert e.logit_map.mean() == pytest.approx(logit(every[model])[0], abs=1e-4), model
+        assert e.logit_map.std() > 0.01
+
+
+def test_export_holds_the_fold_networks(ft_run, tmp_path):
+    from stacking.export import export
+
+    root, _ = ft_run
+    info = export(root / "out" / "model", "onnx", tmp_path / "ft.onnx", use=FT, data_dirs=[PHOTOS],
+                  check_photos=6)
+    assert set(info["backbones"]) == {"efficientnet_lite0-ft0", "efficientnet_lite0-ft1"}
+    assert info["parity"]["max_abs_diff_vs_python"] < 1e-4, info["parity"]
