@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.cache import cache_path, load_features  # noqa: E402
+from features.cache import load_features  # noqa: E402
 from features.data import load_photos  # noqa: E402
 from features.defaults import SEED, shared_dir  # noqa: E402
 

@@ -32,7 +32,7 @@ import numpy as np
 from features.data import Photo, PhotoReader
 from features.defaults import SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
-from features.models import build_feature_map_model, resolve_weights, weights_identity
+from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
 from oof.crossfit import CrossFit
 from oof.heads import BinaryClassifier, KerasHead, validate_data
