@@ -2448,10 +2448,6 @@ class CrossFit:
         """P(class 1) for new rows, the way the test set is predicted."""
         return np.mean([positive_proba(m, X) for m in self.models], axis=0)
 
-    def predict_from(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """P(class 1) when each model reads its own features (``inputs``)."""
-        return np.mean([positive_proba(m, features[i]) for m, i in zip(self.models, self.inputs)], axis=0)
-
 
 def positive_proba(model, X) -> np.ndarray:
     """P(class 1) from a fitted classifier."""

@@ -51,6 +51,7 @@ def main() -> int:
     from oof.folds import make_folds
     from oof.heads import LogisticHead
     from oof.prior import FEATURES, ImageNetPrior
+    from stacking.run import rows
     from stacking.stackers import LRStacker
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,11 +67,9 @@ def main() -> int:
     for n in names:  # reuses the caches (and adds ImageNet logits where a top is at hand)
         feats[n] = load_features(extract(photos, n, cache_dir=args.cache, progress=False))
     ids = sorted(set.intersection(*(set(f.train_ids) for f in feats.values())))
-    X = {}
-    for n, f in feats.items():
-        pos = {i: k for k, i in enumerate(f.train_ids)}
-        X[n] = f.train[[pos[i] for i in ids]]
-        y = f.label[[pos[i] for i in ids]].astype(int)
+    X = rows(feats, ids, "train")
+    label = {p.id: p.label for p in photos.train}
+    y = np.array([label[i] for i in ids])
     with_top = [n for n, f in feats.items() if f.top is not None]
     seeds = [SEED + k for k in range(args.seeds)]
     print(f"{len(ids)} training photos; backbones {', '.join(names)}; with an ImageNet top: "
