@@ -6,12 +6,17 @@
 A stratified, seeded sample of the shared training photos (both folders), 5 folds; each recipe is
 ``oof.finetune.Recipe`` with the fields given changed, trained through ``finetune_folds`` exactly
 as ``stacking.run --finetune`` trains it (kept folds are reused, so a rerun only trains what is
-new). Prints a Markdown table (CV log loss, accuracy, seconds per fold) for benchmarks/RESULTS.md.
+new). Each fold's held-out photos are also scored after every epoch (Keras, in memory; kept beside
+the fold), so one ``epochs=3`` recipe gives the CV after 1, 2 and 3 epochs: with a constant
+learning rate, the first epochs of a longer recipe are the shorter recipe. Prints a Markdown
+table (CV log loss, accuracy, seconds per fold) for benchmarks/RESULTS.md, with the frozen
+backbone's heads on the same folds.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -23,13 +28,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from features.defaults import SEED, shared_dir  # noqa: E402
 
+log = logging.getLogger("gapstack")
+
 
 def parse_recipe(text: str) -> dict:
     out = {}
     for part in filter(None, text.split(",")):
         key, value = part.split("=")
-        out[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+        value = value.strip()
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                out[key.strip()] = value  # e.g. warmup=logistic
     return out
+
+
+def epoch_scores(work: Path, backbone, batch_size: int = 64):
+    """(fold, held-out photos) -> a Keras callback predicting them after every epoch, saved as
+    ``work/epochs_fold{k}.npy`` (epochs x photos)."""
+    import keras
+
+    from features.data import PhotoReader
+    from features.extract import load_batch
+
+    def factory(k, photos):
+        class Score(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.rows = []
+
+            def on_epoch_end(self, epoch, logs=None):
+                reader, out = PhotoReader(), []
+                for i in range(0, len(photos), batch_size):
+                    pixels, _ = load_batch(reader, photos[i:i + batch_size], backbone, False)
+                    out.append(self.model.predict(pixels, verbose=0)[:, 0])
+                self.rows.append(np.concatenate(out))
+                np.save(work / f"epochs_fold{k}.npy", np.stack(self.rows))
+
+        return [Score()]
+
+    return factory
 
 
 def main() -> int:
@@ -42,6 +83,7 @@ def main() -> int:
     from features.registry import get_backbone
     from oof.finetune import Recipe, finetune_folds, work_folder
     from oof.folds import make_folds
+    from oof.heads import KerasHead, LogisticHead
     from stacking.run import rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,16 +109,37 @@ def main() -> int:
     fold = make_folds(ids, y, 5, SEED)["fold"].to_numpy()
     lines = [f"{len(ids)} photos, 5 folds (seed {SEED}), {backbone.name}", "",
              "| recipe | CV log loss | CV accuracy | seconds per fold |", "| --- | ---: | ---: | ---: |"]
+    recipe = Recipe()
+    for name, head in [("frozen, logistic head", LogisticHead()),
+                       ("frozen, warm-up head alone", KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs,
+                                                                standardize=False, random_state=recipe.seed))]:
+        p = np.zeros(len(y))
+        for k in np.unique(fold):
+            p[fold == k] = head.fit(warm[fold != k], y[fold != k]).predict_proba(warm[fold == k])[:, 1]
+        lines.append(f"| {name} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} | |")
+        print(lines[-1], flush=True)
     for text in args.recipes.split(";"):
         recipe = replace(Recipe(), **parse_recipe(text))
         work = work_folder(Path(args.cache) / "finetune", backbone,
                            weights_identity(resolve_weights(backbone, "default")), recipe, ids, y, fold)
         started = time.time()
-        result = finetune_folds(backbone, "default", train, y, fold, warm, [], work, recipe)
+        result = finetune_folds(backbone, "default", train, y, fold, warm, [], work, recipe,
+                                callbacks=epoch_scores(work, backbone))
         seconds = (time.time() - started) / 5
+        per_epoch = np.full((recipe.epochs, len(y)), np.nan)
+        for k in np.unique(fold):
+            kept = work / f"epochs_fold{k}.npy"
+            if kept.is_file():
+                per_epoch[:, fold == k] = np.load(kept)
+        for e, p in enumerate(per_epoch[:-1], 1):
+            if not np.isnan(p).any():
+                lines.append(f"| {text}, after epoch {e} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} | |")
         lines.append(f"| {text} | {log_loss(y, result.oof):.4f} | "
                      f"{((result.oof > 0.5) == y).mean():.4f} | {seconds:.0f} |")
-        print(lines[-1], flush=True)
+        if not np.isnan(per_epoch[-1]).any():  # the in-memory score of the last epoch = the saved network's
+            log.info("last epoch in memory vs through the saved network: max |dP| %.2g",
+                     np.abs(per_epoch[-1] - result.oof).max())
+        print("\n".join(lines[-recipe.epochs:]), flush=True)
     print("\n".join(lines))
     return 0
 

@@ -35,7 +35,7 @@ from features.extract import Extractor, load_batch, progress_bar
 from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
 from oof.crossfit import CrossFit
-from oof.heads import BinaryClassifier, KerasHead, validate_data
+from oof.heads import BinaryClassifier, KerasHead, LogisticHead, linear_parts, validate_data
 
 log = logging.getLogger("gapstack")
 
@@ -58,7 +58,8 @@ class Recipe:
     dropout: float = 0.2
     flip: bool = True
     freeze_batchnorm: bool = True
-    warmup_epochs: int = 20  # of the head on cached GAP features
+    warmup: str = "keras"  # the starting head: "keras" (Dropout + Dense) or "logistic" (our LogisticHead)
+    warmup_epochs: int = 20  # of the "keras" head on cached GAP features
     seed: int = SEED
 
 
@@ -198,10 +199,12 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto") -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
-    backbone's GAP features of ``train`` (the warm-up of each fold's head)."""
+    backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
+    (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
+    benchmark scores the held-out fold after every epoch with them)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
@@ -214,9 +217,11 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
             log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
         else:
             started = time.perf_counter()
+            held_photos = [p for p, h in zip(train, held) if h]
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
-                        [p for p, h in zip(train, held) if h] + extra, runtime)
+                        held_photos + extra, runtime,
+                        callbacks=list(callbacks(k, held_photos)) if callbacks else [])
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
         networks.append(net)
@@ -228,21 +233,19 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
 
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
-                progress: bool, k: int, predict: list[Photo], runtime: str) -> None:
+                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:
     """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
     import keras
 
-    warm = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
-                     random_state=recipe.seed + int(k)).fit(warm_X, warm_y)
     keras.utils.set_random_seed(recipe.seed + int(k))
-    model, fmap = build_network(backbone, resolved, recipe, (warm.coef_, warm.intercept_))
+    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k))
     model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
     log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
-    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe)])
+    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
     tmp = done.with_name(done.name + ".tmp")
@@ -263,6 +266,21 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
     keras.backend.clear_session()
+
+
+def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.ndarray, float]:
+    """(kernel, bias) on raw GAP features of the head fine-tuning starts from, fitted on the
+    frozen backbone's cached features of the fold's training photos."""
+    if recipe.warmup == "logistic":
+        head = LogisticHead().fit(X, y)
+    elif recipe.warmup == "keras":
+        head = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
+                         random_state=recipe.seed + int(k)).fit(X, y)
+    else:
+        raise ValueError(f"Recipe.warmup must be 'keras' or 'logistic', not {recipe.warmup!r}")
+    mean, scale, coef, intercept = linear_parts(head)
+    kernel = np.asarray(coef) / scale
+    return kernel, float(intercept - mean @ kernel)
 
 
 def _Progress(bar, photos: list[Photo], recipe: Recipe):
