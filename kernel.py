@@ -2499,7 +2499,8 @@ class Recipe:
     dropout: float = 0.2
     flip: bool = True
     freeze_batchnorm: bool = True
-    warmup_epochs: int = 20  # of the head on cached GAP features
+    warmup: str = "keras"  # the starting head: "keras" (Dropout + Dense) or "logistic" (our LogisticHead)
+    warmup_epochs: int = 20  # of the "keras" head on cached GAP features
     seed: int = SEED
 
 
@@ -2639,10 +2640,12 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto") -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
-    backbone's GAP features of ``train`` (the warm-up of each fold's head)."""
+    backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
+    (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
+    benchmark scores the held-out fold after every epoch with them)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
@@ -2655,9 +2658,11 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
             log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
         else:
             started = time.perf_counter()
+            held_photos = [p for p, h in zip(train, held) if h]
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
-                        [p for p, h in zip(train, held) if h] + extra, runtime)
+                        held_photos + extra, runtime,
+                        callbacks=list(callbacks(k, held_photos)) if callbacks else [])
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
         networks.append(net)
@@ -2669,21 +2674,19 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
 
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
-                progress: bool, k: int, predict: list[Photo], runtime: str) -> None:
+                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:
     """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
     import keras
 
-    warm = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
-                     random_state=recipe.seed + int(k)).fit(warm_X, warm_y)
     keras.utils.set_random_seed(recipe.seed + int(k))
-    model, fmap = build_network(backbone, resolved, recipe, (warm.coef_, warm.intercept_))
+    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k))
     model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
     log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
-    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe)])
+    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
     tmp = done.with_name(done.name + ".tmp")
@@ -2704,6 +2707,21 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
     keras.backend.clear_session()
+
+
+def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.ndarray, float]:
+    """(kernel, bias) on raw GAP features of the head fine-tuning starts from, fitted on the
+    frozen backbone's cached features of the fold's training photos."""
+    if recipe.warmup == "logistic":
+        head = LogisticHead().fit(X, y)
+    elif recipe.warmup == "keras":
+        head = KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs, standardize=False,
+                         random_state=recipe.seed + int(k)).fit(X, y)
+    else:
+        raise ValueError(f"Recipe.warmup must be 'keras' or 'logistic', not {recipe.warmup!r}")
+    mean, scale, coef, intercept = linear_parts(head)
+    kernel = np.asarray(coef) / scale
+    return kernel, float(intercept - mean @ kernel)
 
 
 def _Progress(bar, photos: list[Photo], recipe: Recipe):
@@ -3230,12 +3248,12 @@ def exclusion_section(ex: dict) -> list[str]:
     return lines + ["", verdict + ".", ""]
 
 
-def prior_section(effect: dict) -> list[str]:
-    """What the ImageNet priors add: every stacker with them and without them, same folds."""
-    lines = [f"## What the ImageNet prior adds ({', '.join(effect['priors'])})", "",
-             "Each stacker as fitted, and refitted on the same folds without the prior columns "
-             "(`--no-imagenet` leaves them out of the run).", "",
-             "| stacker | CV log loss with the prior | without | change |", "| --- | --- | --- | --- |"]
+def effect_section(effect: dict, title: str, leave_out: str) -> list[str]:
+    """What some level-1 models add: every stacker with them and refitted without them, same folds."""
+    lines = [f"## {title} ({', '.join(effect['models'])})", "",
+             f"Each stacker as fitted, and refitted on the same folds without these columns "
+             f"({leave_out}).", "",
+             "| stacker | CV log loss with them | without | change |", "| --- | --- | --- | --- |"]
     for name, s in effect["stackers"].items():
         a, b = s["with"]["log_loss"], s["without"]["log_loss"]
         lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
@@ -3267,8 +3285,12 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
+    if info.get("finetune_effect"):
+        lines += effect_section(info["finetune_effect"], "What fine-tuning adds",
+                                "a run without `--finetune` on the same folds gives the same figures")
     if info.get("imagenet_prior"):
-        lines += prior_section(info["imagenet_prior"])
+        lines += effect_section(info["imagenet_prior"], "What the ImageNet prior adds",
+                                "`--no-imagenet` leaves them out of the run")
     if info.get("exclusion"):
         lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):
@@ -3489,19 +3511,23 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
-def prior_effect(oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray, fold: np.ndarray,
-                 stackers: list[str]) -> dict | None:
-    """Every stacker's OOF with the ImageNet priors among its inputs (as fitted) and refitted on
-    the same folds without them: what the priors add, in one run."""
-    priors = [n for n in level1 if n.endswith("/" + PRIOR)]
-    rest = [n for n in level1 if n not in priors]
-    if not priors or len(rest) < 2:
+def effect_of(members: list[str], oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray,
+              fold: np.ndarray, stackers: list[str]) -> dict | None:
+    """Every stacker's OOF with ``members`` among its inputs (as fitted) and refitted on the same
+    folds without them: what those level-1 models add, in one run."""
+    rest = [n for n in level1 if n not in members]
+    if not members or len(rest) < 2:
         return None
     L = np.column_stack([oof[n] for n in rest])
-    return {"priors": priors, "stackers": {
+    return {"models": members, "stackers": {
         name: {"with": scores(y, oof[name]),
                "without": scores(y, cross_fit(STACKERS[name](), L, y, fold).oof)}
         for name in stackers}}
+
+
+def of_kind(level1: list[str], kind: str) -> list[str]:
+    """The level-1 models named ``<backbone>/<kind>``."""
+    return [n for n in level1 if n.endswith("/" + kind)]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -3593,10 +3619,12 @@ def run(args: argparse.Namespace) -> dict:
         holdout = {name: scores(held_y, held_pred[name]) for name in cv}
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
+    level1, stackers = list(ensemble.level1), list(ensemble.level2)
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
             "finetune": ft_info or None,
-            "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
+            "imagenet_prior": effect_of(of_kind(level1, PRIOR), oof, level1, y, fold, stackers),
+            "finetune_effect": effect_of(of_kind(level1, FINETUNED), oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,

@@ -110,12 +110,12 @@ def exclusion_section(ex: dict) -> list[str]:
     return lines + ["", verdict + ".", ""]
 
 
-def prior_section(effect: dict) -> list[str]:
-    """What the ImageNet priors add: every stacker with them and without them, same folds."""
-    lines = [f"## What the ImageNet prior adds ({', '.join(effect['priors'])})", "",
-             "Each stacker as fitted, and refitted on the same folds without the prior columns "
-             "(`--no-imagenet` leaves them out of the run).", "",
-             "| stacker | CV log loss with the prior | without | change |", "| --- | --- | --- | --- |"]
+def effect_section(effect: dict, title: str, leave_out: str) -> list[str]:
+    """What some level-1 models add: every stacker with them and refitted without them, same folds."""
+    lines = [f"## {title} ({', '.join(effect['models'])})", "",
+             f"Each stacker as fitted, and refitted on the same folds without these columns "
+             f"({leave_out}).", "",
+             "| stacker | CV log loss with them | without | change |", "| --- | --- | --- | --- |"]
     for name, s in effect["stackers"].items():
         a, b = s["with"]["log_loss"], s["without"]["log_loss"]
         lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
@@ -147,8 +147,12 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
+    if info.get("finetune_effect"):
+        lines += effect_section(info["finetune_effect"], "What fine-tuning adds",
+                                "a run without `--finetune` on the same folds gives the same figures")
     if info.get("imagenet_prior"):
-        lines += prior_section(info["imagenet_prior"])
+        lines += effect_section(info["imagenet_prior"], "What the ImageNet prior adds",
+                                "`--no-imagenet` leaves them out of the run")
     if info.get("exclusion"):
         lines += exclusion_section(info["exclusion"])
     if info.get("unreadable"):

@@ -172,19 +172,23 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     return {"n_excluded": int((~keep).sum()), "source": str(source), "models": table}
 
 
-def prior_effect(oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray, fold: np.ndarray,
-                 stackers: list[str]) -> dict | None:
-    """Every stacker's OOF with the ImageNet priors among its inputs (as fitted) and refitted on
-    the same folds without them: what the priors add, in one run."""
-    priors = [n for n in level1 if n.endswith("/" + PRIOR)]
-    rest = [n for n in level1 if n not in priors]
-    if not priors or len(rest) < 2:
+def effect_of(members: list[str], oof: dict[str, np.ndarray], level1: list[str], y: np.ndarray,
+              fold: np.ndarray, stackers: list[str]) -> dict | None:
+    """Every stacker's OOF with ``members`` among its inputs (as fitted) and refitted on the same
+    folds without them: what those level-1 models add, in one run."""
+    rest = [n for n in level1 if n not in members]
+    if not members or len(rest) < 2:
         return None
     L = np.column_stack([oof[n] for n in rest])
-    return {"priors": priors, "stackers": {
+    return {"models": members, "stackers": {
         name: {"with": scores(y, oof[name]),
                "without": scores(y, cross_fit(STACKERS[name](), L, y, fold).oof)}
         for name in stackers}}
+
+
+def of_kind(level1: list[str], kind: str) -> list[str]:
+    """The level-1 models named ``<backbone>/<kind>``."""
+    return [n for n in level1 if n.endswith("/" + kind)]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -276,10 +280,12 @@ def run(args: argparse.Namespace) -> dict:
         holdout = {name: scores(held_y, held_pred[name]) for name in cv}
         pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
+    level1, stackers = list(ensemble.level1), list(ensemble.level2)
     info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
             "exclusion": exclusion,
             "finetune": ft_info or None,
-            "imagenet_prior": prior_effect(oof, list(ensemble.level1), y, fold, list(ensemble.level2)),
+            "imagenet_prior": effect_of(of_kind(level1, PRIOR), oof, level1, y, fold, stackers),
+            "finetune_effect": effect_of(of_kind(level1, FINETUNED), oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
             "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
             "unreadable": unreadable, "backbone_details": described,

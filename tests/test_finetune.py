@@ -120,3 +120,41 @@ def test_export_holds_the_fold_networks(ft_run, tmp_path):
                   check_photos=6)
     assert set(info["backbones"]) == {"efficientnet_lite0-ft0", "efficientnet_lite0-ft1"}
     assert info["parity"]["max_abs_diff_vs_python"] < 1e-4, info["parity"]
+
+
+@pytest.mark.parametrize("warmup", ["logistic", "keras"])
+def test_warm_head_is_the_frozen_head_on_raw_features(ft_run, warmup):
+    """Fine-tuning starts from the head the recipe names, fitted on the cached frozen GAP rows:
+    its (kernel, bias) on raw features give that head's logits."""
+    from features.cache import load_features
+    from oof.heads import KerasHead, LogisticHead
+
+    root, _ = ft_run
+    f = load_features(next((root / "cache").glob("*efficientnet_lite0*.h5")))
+    X, y = f.train.astype(np.float64), f.label
+    recipe = finetune.Recipe(warmup=warmup, warmup_epochs=3)
+    kernel, bias = finetune.warm_head(recipe, X, y)
+    head = (LogisticHead() if warmup == "logistic" else
+            KerasHead(dropout=recipe.dropout, epochs=3, standardize=False, random_state=recipe.seed))
+    np.testing.assert_allclose(X @ kernel + bias, head.fit(X, y).decision_function(X), atol=1e-4)
+    with pytest.raises(ValueError, match="warmup"):
+        finetune.warm_head(finetune.Recipe(warmup="mean"), X, y)
+
+
+def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
+    """The report's "without" column is the run without --finetune on the same folds."""
+    root, _ = ft_run
+    report = json.loads((root / "out" / "report.json").read_text())
+    effect = report["finetune_effect"]
+    assert effect["models"] == [FT]
+    assert effect["stackers"]["stack-lr"]["with"] == report["cv"]["stack-lr"]
+    assert "What fine-tuning adds" in (root / "out" / "report.md").read_text()
+    args = args_for(root, "plain")
+    args = args[:args.index("--finetune")]
+    args[args.index("--out") + 1] = str(tmp_path / "plain")
+    assert run_mod.main(args) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert FT not in plain["cv"] and plain["finetune_effect"] is None
+    for name in effect["stackers"]:
+        assert plain["cv"][name]["log_loss"] == pytest.approx(
+            effect["stackers"][name]["without"]["log_loss"], abs=1e-9), name

@@ -62,7 +62,7 @@ def test_imagenet_prior_reported_and_left_out_on_request(runs, tmp_path):
     folds leaves it out, and its stackers are exactly run a's "without" figures."""
     report = json.loads((runs / "a" / "report.json").read_text())
     effect = report["imagenet_prior"]
-    assert effect["priors"] == ["efficientnet_lite2/imagenet"]
+    assert effect["models"] == ["efficientnet_lite2/imagenet"]
     assert effect["stackers"]["stack-lr"]["with"] == report["cv"]["stack-lr"]
     assert "What the ImageNet prior adds" in (runs / "a" / "report.md").read_text()
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
