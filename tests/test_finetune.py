@@ -19,7 +19,7 @@ FT = "efficientnet_lite0/finetuned"
 
 
 def args_for(root, out: str) -> list[str]:
-    return ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
+    return ["--data", str(root / "data"), "--backbones", "efficientnet_lite0,efficientnet_lite2", "--folds", "2",
             "--cache", str(root / "cache"), "--out", str(root / out), "--finetune",
             "efficientnet_lite0", "--finetune-epochs", "1"]
 
