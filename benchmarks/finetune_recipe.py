@@ -82,6 +82,7 @@ def main() -> int:
     from features.models import resolve_weights, weights_identity
     from features.registry import get_backbone
     from oof.finetune import Recipe, finetune_folds, work_folder
+    from oof.crossfit import cross_fit
     from oof.folds import make_folds
     from oof.heads import KerasHead, LogisticHead
     from stacking.run import rows
@@ -113,9 +114,7 @@ def main() -> int:
     for name, head in [("frozen, logistic head", LogisticHead()),
                        ("frozen, warm-up head alone", KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs,
                                                                 standardize=False, random_state=recipe.seed))]:
-        p = np.zeros(len(y))
-        for k in np.unique(fold):
-            p[fold == k] = head.fit(warm[fold != k], y[fold != k]).predict_proba(warm[fold == k])[:, 1]
+        p = cross_fit(head, warm, y, fold).oof
         lines.append(f"| {name} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} | |")
         print(lines[-1], flush=True)
     for text in args.recipes.split(";"):
