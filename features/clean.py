@@ -1,6 +1,8 @@
 """Find training photos that are not a clear cat or dog photo, show them, and list them.
 
-    python -m features.clean --data DIR [DIR ...] [--out DIR] [--run RUN_DIR]
+The detectors and the files they write; the command is ``python -m oof.clean`` (our cat/dog
+model's out-of-fold doubt comes from cross-fitting, which the ``oof`` layer owns: here it is an
+input, as cleanlab takes ``pred_probs``).
 
 Detectors (plain functions over arrays, each returning its values and where it fires):
   tiny        smallest side under ``TINY_PX``;
@@ -23,8 +25,6 @@ Writes ``outliers.csv`` (id, label, score, detectors, values, drop=1 to edit), `
 
 from __future__ import annotations
 
-import argparse
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
-from features.defaults import CACHE_DIR, SEED, WORKERS, default_weights_dir
+from features.defaults import WORKERS, default_weights_dir
 from features.images import ImageError, decode_rgb, resize
 from features.imagenet import CAT_CLASSES, DOG_CLASSES, softmax
 
@@ -298,50 +298,29 @@ def contact_sheet(photos: list[Photo], flagged: pd.DataFrame, path: Path, size: 
     cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
-def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
-    """The level-1 heads' OOF P(dog) of a stacking run, one column per backbone head."""
-    from oof.store import level1_prediction_files
-
-    files = level1_prediction_files(run_dir / "oof")
-    if not files:
-        raise FileNotFoundError(f"{run_dir / 'oof'}: no level-1 OOF predictions (from stacking.run)")
-    cols = []
-    for f in files:
-        df = pd.read_csv(f, dtype={"id": str}).set_index("id")
-        missing = [i for i in ids if i not in df.index]
-        if missing:
-            raise ValueError(f"{f}: no OOF prediction for {len(missing)} photos (e.g. {missing[:3]})")
-        cols.append(df.loc[ids, "pred"].to_numpy())
-    return np.column_stack(cols)
-
-
-def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None = None,
-          folds: int = 5, top: int = 0, max_flagged: float = MAX_FLAGGED,
-          cache: Path | None = None) -> pd.DataFrame:
-    """Score every training photo, write outliers.csv (flagged), scores.csv (every photo, most
-    suspicious first), contact_sheet.png (flagged) and top_<N>.png (the ``top`` most suspicious,
-    flagged or not: what the rule leaves); returns all rows. ``cache``: a feature cache folder
-    whose ``gap_<model>.h5`` already holds the classifier's logits for these photos: read them
+def scan_photos(data, model_path: str | Path | None = None, cache: str | Path | None = None):
+    """Load the photos of ``data`` and ``scan`` them (train, then test): (photos, per-photo table,
+    GAP features, class probabilities). ``cache``: a feature cache folder whose
+    ``gap_<model>.h5`` already holds the classifier's logits for these photos: they are read
     instead of running the classifier again."""
-    from oof.crossfit import cross_fit
-    from oof.folds import make_folds
-    from oof.heads import LogisticHead
-
     photos = load_photos(data, require_test=False)
     model_path = Path(model_path or default_weights_dir() / IMAGENET_MODEL)
     cached = from_cache(photos, model_path, Path(cache) if cache else None)
-    table, gap, probs = scan(photos.train + photos.test, model_path, cached=cached)
+    return (photos, *scan(photos.train + photos.test, model_path, cached=cached))
+
+
+def report_outliers(photos: PhotoSet, table: pd.DataFrame, gap: np.ndarray, probs: np.ndarray,
+                    p_dog: np.ndarray, out: Path, top: int = 0,
+                    max_flagged: float = MAX_FLAGGED) -> pd.DataFrame:
+    """Every detector on what ``scan_photos`` found and the out-of-fold P(dog) of the training
+    photos (``p_dog``: one column per model, from a model that never saw the photo: cleanlab's
+    contract); writes outliers.csv (flagged), scores.csv (every photo, most suspicious first),
+    contact_sheet.png (flagged) and top_<N>.png (the ``top`` most suspicious, flagged or not:
+    what the rule leaves). Returns one row per training photo."""
     n = len(photos.train)
     train_table, train_gap = table.iloc[:n].reset_index(drop=True), gap[:n]
     ids = [p.id for p in photos.train]
-    labels = np.array([p.label for p in photos.train])
     ok = np.isfinite(train_gap).all(axis=1)
-    if run_dir:
-        p_dog = oof_from_run(Path(run_dir), ids)
-    else:
-        p_dog = np.full(n, 0.5)
-        fold = make_folds(np.array(ids)[ok], labels[ok], folds, SEED)["fold"].to_numpy()
-        p_dog[ok] = cross_fit(LogisticHead(), train_gap[ok], labels[ok], fold).oof
     safe = np.where(ok[:, None], train_gap, 0)
     # Within train, the later photo of a pair is the duplicate; the first one stays.
     pairs = [(j, ids[i], c) for i, j, c in near_duplicates(safe)]
@@ -361,41 +340,3 @@ def clean(data, out: Path, model_path: Path | None = None, run_dir: Path | None 
     if top:
         contact_sheet(photos.train, ranked.head(top), out / f"top_{top}.png", limit=top)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    from features.extract import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m features.clean", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", required=True, help="Kaggle-layout folder(s)")
-    parser.add_argument("--out", default="clean", help="output folder (default: %(default)s)")
-    parser.add_argument("--imagenet-model", default=None,
-                        help=f"Keras ImageNet classifier (default: {IMAGENET_MODEL} in the weights folder)")
-    parser.add_argument("--cache", default=str(CACHE_DIR),
-                        help="feature cache folder: where gap_efficientnet_lite2.h5 holds the "
-                             "classifier's logits for these photos, they are read, not recomputed "
-                             "(default: %(default)s)")
-    parser.add_argument("--run", default=None,
-                        help="a stacking.run output folder: use its level-1 OOF for label issues")
-    parser.add_argument("--top", type=int, default=0, metavar="N",
-                        help="also draw top_N.png: the N most suspicious photos, flagged or not")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        result = clean(args.data, Path(args.out), args.imagenet_model, args.run, top=args.top,
-                       cache=Path(args.cache))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    flagged = result[result["flagged"]]
-    counts = {d: int(result[d].sum()) for d in ("unreadable", "tiny", "colour", "imagenet", "nonpet", "far",
-                                                 "label_issue", "duplicate")}
-    print(f"{len(result)} photos; detectors fired: "
-          + ", ".join(f"{d} {c}" for d, c in counts.items())
-          + f"; flagged {len(flagged)} ({100 * len(flagged) / max(len(result), 1):.1f} %)")
-    print(f"wrote {Path(args.out) / 'outliers.csv'} and {Path(args.out) / 'contact_sheet.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from features.defaults import default_weights_dir
-from features.models import (_constructor, _load_keras_file, dtype_policy, weights_identity)
+from features.model_files import load_keras_file
+from features.models import _constructor, dtype_policy, weights_identity
 from features.registry import Backbone
 
 log = logging.getLogger("gapstack")
@@ -89,7 +90,7 @@ def load_top(backbone: Backbone, weights="default") -> ImageNetTop | None:
         return None
     with dtype_policy("float32"):
         if backbone.is_file:
-            model = _load_keras_file(source)
+            model = load_keras_file(source)
         else:
             model = _constructor(backbone.constructor)(
                 include_top=True, weights=source, input_shape=(*backbone.input_size, 3))

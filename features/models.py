@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
-import re
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from features.defaults import default_weights_dir
-from features.efficientnet_lite import LITE_SCALING, efficientnet_lite
+from features.model_files import WeightsNotFound, load_keras_file
 from features.registry import Backbone
 
 # ImageNet statistics used by the "caffe" and "torch" modes (as in keras.applications).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsNotFound(FileNotFoundError):
-    """A weights file or folder was asked for and is not there."""
 
 
 def preprocess(x, mode: str):
@@ -97,52 +90,6 @@ def weights_identity(resolved: str | None) -> str:
     return f"md5:{file_md5(resolved)}"
 
 
-def describe_model_file(path: Path) -> tuple[tuple[int, int], int]:
-    """Input (height, width) and output channel count of a saved ``.keras`` model."""
-    if not path.is_file():
-        raise WeightsNotFound(f"{path}: saved model does not exist")
-    model = _load_keras_file(str(path))
-    shape = model.input_shape
-    if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] != 3:
-        raise ValueError(f"{path}: expected an input of shape (N, H, W, 3) with fixed H and W, "
-                         f"got {shape}")
-    return (int(shape[1]), int(shape[2])), int(model.output_shape[-1])
-
-
-def saved_keras_version(path: str | Path) -> str | None:
-    """The Keras version that wrote a ``.keras`` file (its metadata.json), if it says."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("metadata.json")).get("keras_version")
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
-def _load_keras_file(path: str):
-    """A saved model; the shared EfficientNet-Lite files are built in code from their weights, so
-    they load on every Keras 3, not only on the one that wrote them."""
-    import keras
-
-    lite = re.fullmatch(r"efficientnet_lite(\d)_(top|notop)\.keras", Path(path).name)
-    if lite and int(lite[1]) in LITE_SCALING:
-        return efficientnet_lite(int(lite[1]), include_top=lite[2] == "top", weights=path)
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many types for a bad file; name the file either way.
-        message = f"{path}: cannot load as a Keras model ({type(exc).__name__}: {exc})"
-        saved = saved_keras_version(path)
-        if saved and _version(saved) > _version(keras.__version__):
-            message += (f". It was saved by Keras {saved} and this is Keras {keras.__version__}: a "
-                        "newer Keras writes arguments an older one does not know. Upgrade Keras "
-                        f"(pip install 'keras>={saved}'), or save the weights alone "
-                        "(model.save_weights) and build the architecture in code")
-        raise ValueError(message) from exc
-
-
 def _constructor(dotted: str):
     """The function a registry entry names. In kernel.py our modules are one file, so a
     constructor of ours that cannot be imported is looked up in this module instead."""
@@ -183,7 +130,7 @@ def _build_feature_map_model(backbone: Backbone, weights: str | Path | None):
     resolved = resolve_weights(backbone, weights)
     height, width = backbone.input_size
     if backbone.is_file:
-        base = _load_keras_file(resolved)
+        base = load_keras_file(resolved)
         if backbone.feature_layer and backbone.feature_layer != base.layers[-1].name:
             base = keras.Model(base.inputs, base.get_layer(backbone.feature_layer).output)
     else:

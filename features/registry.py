@@ -129,7 +129,7 @@ def get_backbone(name: str) -> Backbone:
 
 def backbone_from_file(path: str | Path) -> Backbone:
     """Describe any saved ``.keras`` model (RGB 0..255 in, feature map or vector out) as an entry."""
-    from features.models import describe_model_file
+    from features.model_files import describe_model_file
 
     path = Path(path)
     size, dim = describe_model_file(path)

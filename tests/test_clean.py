@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.clean import (NONPET_MASS, OUTLIER_Z, clean, feature_outliers, imagenet_evidence,
-                            label_issues, near_duplicates, scan)
+from features.clean import (NONPET_MASS, OUTLIER_Z, feature_outliers, imagenet_evidence, label_issues,
+                            near_duplicates, scan)
 from features.defaults import default_weights_dir
 from oof.crossfit import cross_fit
 from oof.folds import make_folds
+from oof.clean import clean
 from oof.heads import LogisticHead
 from tests.conftest import PHOTOS, PHOTOS_200, make_kaggle_dir
 
@@ -32,8 +33,9 @@ def cleaned(tmp_path_factory):
         cv2.putText(text, line, (10, 50 + 50 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2)
     cv2.imwrite(str(train / f"{MADE['text']}.jpg"), text)
     shutil.copy(train / "dog.5.jpg", train / f"{MADE['twin']}.jpg")
-    # 4 of these 44 photos are made to be outliers: above the 1 % cap meant for Kaggle's data.
-    result = clean(data, root / "out", max_flagged=0.1).set_index("id")
+    # 4 of these 44 photos are made to be outliers. The cap (1 % on Kaggle's data) is set well
+    # above them, so it is the flag rule, not the cap, that keeps the 40 real photos unflagged.
+    result = clean(data, root / "out", max_flagged=0.5).set_index("id")
     return result, root / "out"
 
 
@@ -52,7 +54,6 @@ def test_clear_photos_are_not_flagged(cleaned):
     assert flagged == set(MADE.values())
     listed = pd.read_csv(out / "outliers.csv", dtype={"id": str})
     assert set(listed["id"]) == flagged and (listed["drop"] == 1).all()
-    assert listed["score"].is_monotonic_decreasing
     sheet = cv2.imread(str(out / "contact_sheet.png"))
     assert sheet is not None and sheet.shape[0] >= 214
 

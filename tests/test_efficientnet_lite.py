@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from features.efficientnet_lite import WeightsMismatch, efficientnet_lite
-from features.models import _load_keras_file, build_gap_model
+from features.model_files import load_keras_file
+from features.models import build_gap_model
 from features.registry import get_backbone
 from tests.conftest import PHOTOS, WEIGHTS
 
@@ -64,7 +65,7 @@ def test_a_file_from_a_newer_keras_gets_both_versions_and_what_to_do(tmp_path):
                 data = json.dumps({"keras_version": "99.1.0"}).encode()
             dst.writestr(item, data)
     with pytest.raises(ValueError) as err:
-        _load_keras_file(str(newer))
+        load_keras_file(str(newer))
     message = str(err.value)
     assert str(newer) in message and "saved by Keras 99.1.0" in message
     assert f"this is Keras {keras.__version__}" in message and "pip install 'keras>=99.1.0'" in message

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.models import WeightsNotFound, build_gap_model, preprocess, resolve_weights
+from features.model_files import WeightsNotFound
+from features.models import build_gap_model, preprocess, resolve_weights
 from features.registry import REGISTRY, get_backbone, list_backbones
 from tests.conftest import PHOTOS, WEIGHTS
 
