@@ -16,6 +16,19 @@ PHOTOS_200 = SHARED / "dogs-vs-cats-200px"
 WEIGHTS = default_weights_dir()
 
 
+def _tensorflow_uses_a_gpu() -> bool:
+    from features.runtime import has_gpu
+
+    return has_gpu()
+
+
+# For tests of the CPU path's defaults (ONNX Runtime chosen by "auto", one stream per core,
+# float32, no accelerator found): on a machine whose TensorFlow uses a GPU, the defaults are the
+# GPU's by design, so such a test would fail for a reason that is not the one it names.
+cpu_path = pytest.mark.skipif(_tensorflow_uses_a_gpu(), reason="checks the CPU path's defaults; "
+                              "TensorFlow uses a GPU on this machine, so the GPU's defaults apply")
+
+
 def pytest_configure(config):
     if not (PHOTOS / "train").is_dir() or not WEIGHTS.is_dir():
         raise pytest.UsageError(f"the tests need the shared photos and weights at {SHARED}")

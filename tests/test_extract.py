@@ -18,7 +18,7 @@ from features.defaults import STREAMS
 from features.extract import extract
 from features.images import load_for_backbone
 from features.registry import get_backbone, with_overrides
-from tests.conftest import WEIGHTS, make_kaggle_dir
+from tests.conftest import WEIGHTS, cpu_path, make_kaggle_dir
 
 LITE0 = get_backbone("efficientnet_lite0")
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +31,7 @@ def plain_keras_features(paths, size=(224, 224)):
     return np.asarray(model.predict(pixels.astype(np.float32), verbose=0)).mean(axis=(1, 2))
 
 
+@cpu_path
 def test_features_equal_plain_keras_and_bad_files_are_recorded(small_data, tmp_path):
     (small_data / "train" / "cat.0.jpg").write_bytes(b"")  # zero bytes
     good = (small_data / "test" / "5.jpg").read_bytes()
@@ -147,6 +148,7 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert out.returncode == 2 and "Unknown backbone 'nope'; available:" in out.stderr
 
 
+@cpu_path
 def test_precision_is_part_of_the_recipe(small_data, tmp_path):
     """float16 features (the GPU path's mixed precision) are recorded as such, never mistaken for
     float32 ones; a cache from before the precision key counts as float32."""

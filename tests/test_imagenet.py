@@ -9,7 +9,7 @@ from features.cache import load_features, read_attrs
 from features.data import PhotoReader, load_photos
 from features.extract import extract
 from features.images import load_for_backbone
-from features.imagenet import load_top, softmax, top_weights
+from features.imagenet import CAT_CLASSES, DOG_CLASSES, load_top, softmax, top_weights
 from features.registry import get_backbone
 from oof.crossfit import cross_fit
 from oof.folds import fold_cv, make_folds
@@ -111,22 +111,79 @@ def test_prior_features_are_the_classifiers_log_probabilities(prior_data):
     z = top.logits(X)
     p = softmax(z)
     masses = prior_features(z, "masses")
-    np.testing.assert_allclose(np.exp(masses[:, 0]), p[:, 151:269].sum(1), rtol=1e-6)
-    np.testing.assert_allclose(np.exp(masses[:, 1]), p[:, 281:286].sum(1), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(masses[:, 0]), p[:, DOG_CLASSES].sum(1), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(masses[:, 1]), p[:, CAT_CLASSES].sum(1), rtol=1e-6)
     ratio = prior_features(z, "ratio")[:, 0]
     np.testing.assert_allclose(ratio, masses[:, 0] - masses[:, 1], atol=1e-9)
 
 
-def test_load_top_refuses_a_classifier_that_is_not_on_the_gap():
-    assert load_top(get_backbone("convnext_tiny"), None) is None
-    top = load_top(get_backbone(LITE2))
-    assert top.kernel.shape == (1280, 1000) and top.bias.shape == (1000,)
+def test_class_ranges_are_where_the_real_classifier_puts_real_cats_and_dogs(lite2_cache):
+    """The dog-breed and cat class ranges, checked against Lite2's real ImageNet classifier on
+    real labelled photos (not against a copy of themselves): more of its belief on the dog range
+    than on the cat range tells dogs from cats; the same ranges moved by 5 classes do not."""
+    from features.imagenet import log_softmax
+
+    f = load_features(lite2_cache[1])
+    lp = log_softmax(f.train_logits)
+
+    def accuracy(shift):
+        dog = np.logaddexp.reduce(lp[:, DOG_CLASSES + shift], axis=1)
+        cat = np.logaddexp.reduce(lp[:, CAT_CLASSES + shift], axis=1)
+        return ((dog > cat) == (f.label == 1)).mean()
+
+    assert accuracy(0) >= 0.8
+    assert accuracy(-5) <= 0.65 and accuracy(5) <= 0.65
+
+
+def _saved_pair(folder, name, top_layers):
+    """``<name>_notop.keras`` (a small conv net: pixels -> feature map of 8 channels) and
+    ``<name>_top.keras``, the same net with ``top_layers`` after its global average pool."""
+    import keras
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = keras.Input((32, 32, 3))
+    fmap = keras.layers.Conv2D(8, 3, name="conv")(pixels)
+    keras.Model(pixels, fmap).save(folder / f"{name}_notop.keras")
+    x = keras.layers.GlobalAveragePooling2D()(fmap)
+    for layer in top_layers:
+        x = layer(x)
+    full = keras.Model(pixels, x)
+    full.save(folder / f"{name}_top.keras")
+    return get_backbone(str(folder / f"{name}_notop.keras")), full
+
+
+def test_load_top_takes_only_a_dense_on_the_gap(tmp_path, caplog, monkeypatch):
+    """A saved model's top is read where it is GAP -> (Dropout) -> Dense(1000); a top that
+    normalises the GAP first (as ConvNeXt's does) or does not give 1,000 classes gives no prior,
+    with a warning that says why."""
+    import logging
+
+    import keras
+
+    monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
+
+    on_gap, full = _saved_pair(tmp_path / "a", "gapnet", [keras.layers.Dropout(0.2),
+                                                          keras.layers.Dense(1000, activation="softmax")])
+    top = load_top(on_gap)
+    assert top is not None and top.kernel.shape == (8, 1000) and top.bias.shape == (1000,)
+    kernel, bias = full.layers[-1].get_weights()
+    np.testing.assert_array_equal(top.kernel, kernel)
+    np.testing.assert_array_equal(top.bias, bias)
+    normed, _ = _saved_pair(tmp_path / "b", "normnet", [keras.layers.LayerNormalization(),
+                                                        keras.layers.Dense(1000, activation="softmax")])
+    assert top_weights(normed) == str(tmp_path / "b" / "normnet_top.keras")  # found: the check is reached
+    assert load_top(normed) is None
+    assert "not a Dense layer on the global average pool (Dense after LayerNormalization)" in caplog.text
+    few, _ = _saved_pair(tmp_path / "c", "fewnet", [keras.layers.Dense(10, activation="softmax")])
+    assert load_top(few) is None
+    assert "does not map 8 GAP features to 1000 ImageNet classes" in caplog.text
 
 
 def test_clean_reads_the_cached_probabilities(lite2_cache, tmp_path, monkeypatch):
-    """features.clean takes the classifier's probabilities from the cache (no forward pass: the
+    """Cleaning takes the classifier's probabilities from the cache (no forward pass: the
     classifier cannot even be built) and they are those of its own pass."""
     from features import clean
+    from oof.clean import clean as clean_photos
 
     photos, path, _ = lite2_cache
     model = WEIGHTS / "efficientnet_lite2_top.keras"
@@ -135,6 +192,6 @@ def test_clean_reads_the_cached_probabilities(lite2_cache, tmp_path, monkeypatch
     np.testing.assert_allclose(probs, own_probs, atol=2e-5)
     np.testing.assert_allclose(gap, own_gap, atol=1e-4, rtol=1e-4)
     monkeypatch.setattr(clean, "imagenet_model", lambda *a: pytest.fail("ran the classifier again"))
-    result = clean.clean([str(photos.sources[0])], tmp_path / "clean", model, cache=path.parent)
+    result = clean_photos([str(photos.sources[0])], tmp_path / "clean", model, cache=path.parent)
     assert len(result) == 24 and (tmp_path / "clean" / "scores.csv").is_file()
     assert clean.from_cache(photos, model, tmp_path) is None  # no cache there: its own pass

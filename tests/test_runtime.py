@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from features.runtime import KerasForward, OnnxForward, max_relative_difference, model_key, onnx_cache_path
-from tests.conftest import PHOTOS
+from tests.conftest import PHOTOS, cpu_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,7 @@ def test_converted_graph_is_kept_keyed_and_repaired(lite0_model, tmp_path):
     assert model_key(lite0_model) == before
 
 
+@cpu_path
 def test_keras_check_is_remembered_for_the_same_graph(lite0_model, tmp_path, monkeypatch):
     import json
 
@@ -123,6 +124,7 @@ print("found", rt.accelerators(), rt.accelerators())
 """
 
 
+@cpu_path
 def test_start_up_lines_hidden_and_an_unusable_gpu_said_once_in_our_words():
     """TensorFlow's C++ start-up lines (cudart_stub, cuInit, ...) are not shown; where the driver
     sees a GPU that TensorFlow cannot use (here: no CUDA at all), one warning of ours says so,
