@@ -62,6 +62,16 @@ def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | 
     return joined
 
 
+def own_argv() -> list[str]:
+    """The command-line flags meant for the kernel: ``sys.argv[1:]`` when it runs as a file
+    (``python kernel.py ...``, ``%run kernel.py ...``), none when it is pasted into a notebook
+    cell, where there is no ``__file__`` and ``sys.argv`` is the Jupyter kernel's own
+    (``-f CONNECTION_FILE.json``): the settings are then the constants above."""
+    argv = sys.argv[1:]
+    jupyter = argv[:1] == ["-f"] and len(argv) > 1 and argv[1].endswith(".json")
+    return [] if "__file__" not in globals() or jupyter else argv
+
+
 def kaggle_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kernel.py", description="Dogs vs. Cats Redux: GAP features of pretrained CNNs, "
@@ -79,7 +89,13 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
-    backbones = [b for b in args.backbones.split(",") if b]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    try:  # a misspelt name is said before any weight search or extraction
+        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip()]:
+            get_backbone(name)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
+        return 2
     weights = args.weights_dir or find_weights_dir(backbones, root)
     data = args.data or ([str(root / KAGGLE_COMPETITION.name)] if args.input
                          else [str(d) for d in default_data_dirs()])
@@ -90,7 +106,7 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
     run_args += ["--finetune", args.finetune] if args.finetune else []
-    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
+    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs is not None else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:
         run_args += ["--batch-size", str(GPU_BATCH_SIZE)]
@@ -100,4 +116,4 @@ def kaggle_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(kaggle_main())
+    sys.exit(kaggle_main(own_argv()))

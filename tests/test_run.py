@@ -1,6 +1,7 @@
 """stacking.run end to end on real photos, and the saved ensemble behind stacking.predict."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss
 
 from features.data import Photo
 from stacking import run as run_mod
@@ -63,7 +65,9 @@ def test_imagenet_prior_reported_and_left_out_on_request(runs, tmp_path):
     report = json.loads((runs / "a" / "report.json").read_text())
     effect = report["imagenet_prior"]
     assert effect["models"] == ["efficientnet_lite2/imagenet"]
-    assert effect["stackers"]["stack-lr"]["with"] == report["cv"]["stack-lr"]
+    saved = pd.read_csv(runs / "a" / "oof" / "stack-lr.csv")  # "with": the stacker as saved
+    assert effect["stackers"]["stack-lr"]["with"]["log_loss"] == pytest.approx(
+        log_loss(saved["label"], saved["pred"]), abs=1e-9)
     assert "What the ImageNet prior adds" in (runs / "a" / "report.md").read_text()
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
             "--cache", str(runs / "cache"), "--out", str(tmp_path / "none"), "--no-imagenet"]
@@ -109,13 +113,43 @@ def test_score_matches_the_report(runs, tmp_path):
     assert s["missing"] == 0
 
 
-def test_run_errors_are_clear(runs, capsys):
+@pytest.mark.parametrize("extra,message", [
+    (["--submit-with", "nope"], "Unknown model 'nope' for --submit-with; this run will have: "
+                                "efficientnet_lite0/logistic, efficientnet_lite2/logistic, "
+                                "efficientnet_lite2/imagenet, concat-fusion, average, stack-lr, stack-lgbm"),
+    (["--submit-with", "efficientnet_lite0/imagenet"], "Unknown model 'efficientnet_lite0/imagenet'"),
+    (["--backbones", "resnet5"], "Unknown backbone 'resnet5'"),
+    (["--backbones", ""], "--backbones names no backbone; e.g. --backbones efficientnet_lite0,"),
+    (["--heads", "logistic,svm"], "Unknown head 'svm'"),
+    (["--finetune", "efficientnet_lite9"], "Unknown backbone 'efficientnet_lite9'"),
+    (["--finetune", "efficientnet_lite0", "--finetune-epochs", "0"],
+     "--finetune-epochs 0: fine-tuning needs at least one epoch"),
+    (["--finetune", "efficientnet_lite0", "--exclude", "OUTLIERS"], "--finetune and --exclude do not combine"),
+    (["--exclude", "missing.csv"], "--exclude missing.csv: no such file"),
+    (["--folds", "1"], "--folds 1: out-of-fold predictions need at least 2 folds"),
+    (["--out", "FILE/run"], "--out FILE/run: cannot write there (Not a directory)"),
+])
+def test_run_errors_are_said_before_any_extraction(runs, tmp_path, capsys, extra, message):
+    """Each mistake gets one sentence naming it, before a photo is read: the fresh cache folder
+    is never made."""
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    (tmp_path / "outliers.csv").write_text("id,drop\ncat.3,1\n")
+    extra = [{"OUTLIERS": str(tmp_path / "outliers.csv"), "FILE/run": str(tmp_path / "FILE/run")}.get(e, e)
+             for e in extra]
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3",
-            "--cache", str(runs / "cache"), "--out", str(runs / "e")]
-    assert run_mod.main([*args, "--submit-with", "nope"]) == 2
-    assert "Unknown model 'nope' for --submit-with; available:" in capsys.readouterr().err
-    assert run_mod.main([*args[:2], "--backbones", "resnet5", "--out", str(runs / "d")]) == 2
-    assert "Unknown backbone 'resnet5'" in capsys.readouterr().err
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "e")]
+    assert run_mod.main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("FILE/run", str(tmp_path / "FILE/run")) in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_kernel_says_a_misspelt_backbone_first(tmp_path, capsys):
+    from stacking.kaggle import kaggle_main
+
+    assert kaggle_main(["--backbones", "resnet50,xceptoin", "--out", str(tmp_path / "out")]) == 2
+    assert "Unknown backbone 'xceptoin'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_exclusion_is_compared_on_the_same_kept_rows(runs):
@@ -128,7 +162,13 @@ def test_exclusion_is_compared_on_the_same_kept_rows(runs):
     assert (oof.set_index("id")["fold"] == folds_all.loc[oof["id"], "fold"]).all()  # same folds
     stack = ex["models"]["stack-lr"]
     assert stack["kept_rows"]["with"]["n"] == stack["kept_rows"]["without"]["n"] == len(oof)
-    assert stack["kept_rows"]["without"] == report["cv"]["stack-lr"]
+    # "with" is run a (same photos, same folds, nothing excluded), computed here from its files.
+    with_all = pd.read_csv(runs / "a" / "oof" / "stack-lr.csv", dtype={"id": str}).set_index("id")
+    kept = with_all.loc[oof["id"]]
+    assert stack["kept_rows"]["with"]["log_loss"] == pytest.approx(log_loss(kept["label"], kept["pred"]), abs=1e-9)
+    assert stack["all_rows"]["with"]["log_loss"] == pytest.approx(
+        log_loss(with_all["label"], with_all["pred"]), abs=1e-9)
+    assert stack["kept_rows"]["without"]["log_loss"] == pytest.approx(log_loss(oof["label"], oof["pred"]), abs=1e-9)
     # All rows: the excluded photos count too, predicted as the test set is by the models that
     # never trained on them (the fold mean, as run c predicts its test set).
     assert stack["all_rows"]["with"]["n"] == stack["all_rows"]["without"]["n"] == len(oof) + 2
@@ -172,8 +212,6 @@ def test_every_model_has_a_kaggle_ready_submission(runs):
 
 
 def _copy_run(runs, name, tmp_path):
-    import shutil
-
     return Path(shutil.copytree(runs / name, tmp_path / name))
 
 
@@ -188,7 +226,8 @@ def test_leaderboard_scores_go_into_the_report(runs, tmp_path, capsys):
     assert board.loc["stack-lr", "public"] == 0.0405 and np.isnan(board.loc["stack-lr", "private"])
     assert board.loc["concat-fusion", "public"] == 0.0512
     report = json.loads((a / "report.json").read_text())
-    assert report["leaderboard"]["stack-lr"] == {"public": 0.0405, "private": None}
+    assert {k: report["leaderboard"]["stack-lr"][k] for k in ("public", "private")} == {
+        "public": 0.0405, "private": None}
     assert report["cv"] == json.loads((runs / "a" / "report.json").read_text())["cv"]
     md = (a / "report.md").read_text()
     assert "public LB | private LB |" in md and "| 0.04050 |" in md and "| 0.05120 |" in md
@@ -223,6 +262,43 @@ def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert leaderboard.main([str(tmp_path), "--record", "stack-lr=0.04"]) == 2
     assert f"{tmp_path}: not a gapstack run (no report.json)" in capsys.readouterr().err
     assert not (tmp_path / "leaderboard.csv").exists()
+
+
+def test_leaderboard_refuses_what_it_cannot_use_and_writes_nothing(runs, tmp_path, capsys):
+    """A file for a run folder, a run copied without oof/, an empty or damaged leaderboard.csv:
+    one sentence each, no traceback, no file touched."""
+    from stacking import leaderboard
+
+    a = _copy_run(runs, "a", tmp_path)
+    assert leaderboard.main([str(a / "report.md"), "--record", "stack-lr=0.04"]) == 2
+    assert f"{a / 'report.md'}: a file, not a run folder" in capsys.readouterr().err
+    no_oof = _copy_run(runs, "b", tmp_path)
+    shutil.rmtree(no_oof / "oof")
+    before = (no_oof / "report.md").read_bytes()
+    assert leaderboard.main([str(no_oof), "--record", "stack-lr=0.04"]) == 2
+    assert f"{no_oof / 'oof'}: no out-of-fold predictions of " in capsys.readouterr().err
+    assert not (no_oof / "leaderboard.csv").exists() and (no_oof / "report.md").read_bytes() == before
+    for damaged, says in (("", "unreadable"), ('model,public,private\n"stack-lr,0.04\n', "unreadable"),
+                          ("name,score\nstack-lr,0.04\n", "not a leaderboard record"),
+                          ("model,public,private\nstack-lr,abc,\n", "score 'abc' of stack-lr is not a number")):
+        (a / "leaderboard.csv").write_text(damaged)
+        before = (a / "report.md").read_bytes()
+        for args in (["--record", "average=0.05"], []):
+            assert leaderboard.main([str(a), *args]) == 2
+            err = capsys.readouterr().err
+            assert f"{a / 'leaderboard.csv'}: {says}" in err and "Traceback" not in err, err
+        assert (a / "leaderboard.csv").read_text() == damaged and (a / "report.md").read_bytes() == before
+
+
+def test_leaderboard_submit_refuses_unknown_models_before_asking_kaggle(runs, tmp_path, capsys):
+    from stacking import leaderboard
+
+    a = _copy_run(runs, "a", tmp_path)
+    assert leaderboard.main([str(a), "--submit", "stack-lr,stack-xx"]) == 2
+    assert "--submit: the run has no model 'stack-xx'; its models: " in capsys.readouterr().err
+    assert leaderboard.main([str(a), "--submit", "stack-lr", "--record", "stack-lr=0.04"]) == 2
+    assert "--record and --submit: one at a time" in capsys.readouterr().err
+    assert not (a / "leaderboard.csv").exists()
 
 
 def test_decode_once_gives_the_same_run(runs, tmp_path):
