@@ -62,7 +62,8 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
             row += f" {h['log_loss']:.4f} | {h['log_loss_clipped']:.4f} | {h['accuracy']:.4f} |"
         if leaderboard:
             lb = leaderboard.get(name, {})
-            row += f" {_lb(lb.get('public'))} | {_lb(lb.get('private'))} |"
+            public = _lb(lb.get("public")) or (lb.get("status") or "").lower()  # pending, error
+            row += f" {public} | {_lb(lb.get('private'))} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -72,8 +73,10 @@ def submissions_section(submissions: dict[str, dict], run: Path) -> list[str]:
     (paths as the run was given, so the lines work from where it was started)."""
     lines = ["## A Kaggle submission for every model", "",
              "Each file is `id,label` for every test photo, clipped where clipping lowers that "
-             "model's CV log loss. Submit it from the notebook's Output tab, or with the Kaggle CLI; "
-             "then record the scores: `python -m stacking.leaderboard RUN --record MODEL=PUBLIC[,PRIVATE]`.", "",
+             "model's CV log loss. Submit them and record their scores in one command: "
+             "`python -m stacking.leaderboard RUN --submit MODEL[,MODEL...]`; or submit from the "
+             "notebook's Output tab or with the Kaggle CLI, then record the scores: "
+             "`python -m stacking.leaderboard RUN --record MODEL=PUBLIC[,PRIVATE]`.", "",
              "| model | file | clipped | CV log loss as submitted |", "| --- | --- | --- | --- |"]
     for name, sub in submissions.items():
         lines.append(f"| {name} | `{sub['file']}` | {'yes' if sub['clipped'] else 'no'} | {sub['cv_log_loss']:.4f} |")
