@@ -215,17 +215,18 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     for k in np.unique(fold):
         held = fold == k
         done = work / f"fold{k}"
+        held_photos = [p for p, h in zip(train, held) if h]
         if (done / "fold.json").is_file():
             log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
         else:
             started = time.perf_counter()
-            held_photos = [p for p, h in zip(train, held) if h]
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
                         held_photos + extra, runtime,
                         callbacks=list(callbacks(k, held_photos)) if callbacks else [])
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
+        _predict_missing(net, feats, held_photos + extra, done, runtime)
         networks.append(net)
         features[net.entry.name] = feats
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
@@ -311,6 +312,23 @@ def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str
     head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
     head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
     return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
+
+
+def _predict_missing(net: FoldNetwork, feats: dict[str, np.ndarray], photos: list[Photo], done: Path,
+                     runtime: str) -> None:
+    """A kept fold knows the photos of the run that trained it; photos this run needs beyond those
+    (other test or held-out photos) are predicted by its saved network now and kept with the rest,
+    never left without features (the ensemble would give them 0.5)."""
+    missing = list({p.id: p for p in photos if p.id not in feats}.values())
+    if not missing:
+        return
+    log.info("%s: %d photos this fold has not seen yet, predicted with its saved network",
+             net.entry.name, len(missing))
+    gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
+    feats.update(zip([p.id for p in missing], gap))
+    tmp = done / "features.tmp.npz"
+    np.savez(tmp, ids=np.array(list(feats), dtype=str), gap=np.stack(list(feats.values())))
+    tmp.replace(done / "features.npz")
 
 
 def fold_stats(work: Path) -> list[dict]:

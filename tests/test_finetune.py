@@ -1,10 +1,12 @@
 """Fine-tuned backbones as level-1 models: the whole path on a few dozen real photos, one epoch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss
 
 from features.data import Photo
 from features.images import decode_rgb
@@ -21,7 +23,7 @@ FT = "efficientnet_lite0/finetuned"
 def args_for(root, out: str) -> list[str]:
     return ["--data", str(root / "data"), "--backbones", "efficientnet_lite0,efficientnet_lite2", "--folds", "2",
             "--cache", str(root / "cache"), "--out", str(root / out), "--finetune",
-            "efficientnet_lite0", "--finetune-epochs", "1"]
+            "efficientnet_lite0", "--finetune-epochs", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,9 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
     report = json.loads((root / "out" / "report.json").read_text())
     effect = report["finetune_effect"]
     assert effect["models"] == [FT]
-    assert effect["stackers"]["stack-lr"]["with"] == report["cv"]["stack-lr"]
+    saved = pd.read_csv(root / "out" / "oof" / "stack-lr.csv")  # "with": the stacker as saved
+    assert effect["stackers"]["stack-lr"]["with"]["log_loss"] == pytest.approx(
+        log_loss(saved["label"], saved["pred"]), abs=1e-9)
     assert "What fine-tuning adds" in (root / "out" / "report.md").read_text()
     args = args_for(root, "plain")
     args = args[:args.index("--finetune")]
@@ -158,3 +162,66 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
     for name in effect["stackers"]:
         assert plain["cv"][name]["log_loss"] == pytest.approx(
             effect["stackers"][name]["without"]["log_loss"], abs=1e-9), name
+
+
+def test_kept_fold_predicts_photos_it_has_not_seen(ft_run, tmp_path):
+    """A second run on the same training photos and folds reuses the kept fold networks, and its
+    other test photos get real predictions from them (not 0.5): those of the saved ensemble."""
+    import shutil
+
+    root, _ = ft_run
+    data = tmp_path / "data"
+    shutil.copytree(root / "data" / "train", data / "train")
+    (data / "test").mkdir()
+    for i in range(7, 11):  # test photos the first run never saw
+        shutil.copy(PHOTOS.parent / "dogs-vs-cats" / "test" / f"{i}.jpg", data / "test")
+    cache = Path(shutil.copytree(root / "cache", tmp_path / "cache"))
+    args = args_for(root, "unused") + ["--overwrite"]  # the feature caches are remade for the new
+    args[args.index("--data") + 1] = str(data)         # test photos; the fold networks are kept
+    args[args.index("--out") + 1] = str(tmp_path / "second")
+    args[args.index("--cache") + 1] = str(cache)
+    trained = []
+    real = finetune._train_fold
+    finetune._train_fold = lambda *a, **kw: trained.append(a[10]) or real(*a, **kw)
+    try:
+        assert run_mod.main(args) == 0
+    finally:
+        finetune._train_fold = real
+    assert trained == []  # both folds kept from the first run
+    saved = pd.read_csv(tmp_path / "second" / "test" / "efficientnet_lite0__finetuned.csv")
+    assert saved["id"].tolist() == [7, 8, 9, 10]
+    assert np.isfinite(saved["pred"]).all() and not np.isclose(saved["pred"], 0.5).any()
+    photos = [Photo(str(i), -1, str(data / "test" / f"{i}.jpg")) for i in range(7, 11)]
+    every, _ = Predictor(tmp_path / "second" / "model").predict_all(photos)
+    np.testing.assert_allclose(every[FT], saved["pred"].to_numpy(), atol=1e-5)
+
+
+def test_training_trains(ft_run):
+    """Fine-tuning changes the network: its training loss goes down epoch by epoch, its
+    convolution weights move away from the pretrained ones, and BatchNormalization's statistics
+    (frozen by the recipe) stay exactly as they were."""
+    import keras
+
+    from features.models import build_feature_map_model
+    from features.registry import get_backbone
+
+    root, _ = ft_run
+    pretrained = build_feature_map_model(get_backbone("efficientnet_lite0"))
+    folds = sorted((root / "cache" / "finetune").glob("efficientnet_lite0-*/fold*"))
+    assert [f.name for f in folds] == ["fold0", "fold1"]
+    for done in folds:
+        loss = json.loads((done / "fold.json").read_text())["loss"]
+        assert len(loss) == 2 and loss[1] < loss[0], loss
+        trained = keras.saving.load_model(done / "network.keras", compile=False)
+        pairs = list(zip(finetune._all_layers(trained), finetune._all_layers(pretrained)))
+        assert [type(a) for a, _ in pairs] == [type(b) for _, b in pairs]
+        convs = moved = bn = 0
+        for a, b in pairs:
+            if isinstance(a, keras.layers.BatchNormalization):
+                bn += 1
+                for wa, wb in zip(a.get_weights(), b.get_weights()):
+                    np.testing.assert_array_equal(wa, wb)
+            elif isinstance(a, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+                convs += 1
+                moved += not np.array_equal(a.get_weights()[0], b.get_weights()[0])
+        assert bn > 10 and convs > 10 and moved == convs
