@@ -92,7 +92,10 @@ def shared_dir() -> Path:
     env = os.environ.get("GAPSTACK_SHARED")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared"
+    # kernel.py pasted into a notebook cell has no __file__: its checkout is the working folder.
+    here = globals().get("__file__")
+    checkout = Path(here).resolve().parent.parent if here else Path.cwd()
+    return checkout.parent / "shared"
 
 
 def default_data_dirs() -> list[Path]:
@@ -395,6 +398,60 @@ def load_weights_by_order(model, path: str | Path) -> None:
                 layer.set_weights(values)
 
 
+# ==================== features/model_files.py ====================
+# Saved ``.keras`` model files: load them on every Keras 3 we support, and say what they take.
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A weights file or folder was asked for and is not there."""
+
+
+def describe_model_file(path: Path) -> tuple[tuple[int, int], int]:
+    """Input (height, width) and output channel count of a saved ``.keras`` model."""
+    if not path.is_file():
+        raise WeightsNotFound(f"{path}: saved model does not exist")
+    model = load_keras_file(str(path))
+    shape = model.input_shape
+    if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] != 3:
+        raise ValueError(f"{path}: expected an input of shape (N, H, W, 3) with fixed H and W, "
+                         f"got {shape}")
+    return (int(shape[1]), int(shape[2])), int(model.output_shape[-1])
+
+
+def saved_keras_version(path: str | Path) -> str | None:
+    """The Keras version that wrote a ``.keras`` file (its metadata.json), if it says."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("metadata.json")).get("keras_version")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def load_keras_file(path: str):
+    """A saved model; the shared EfficientNet-Lite files are built in code from their weights, so
+    they load on every Keras 3, not only on the one that wrote them."""
+    import keras
+
+    lite = re.fullmatch(r"efficientnet_lite(\d)_(top|notop)\.keras", Path(path).name)
+    if lite and int(lite[1]) in LITE_SCALING:
+        return efficientnet_lite(int(lite[1]), include_top=lite[2] == "top", weights=path)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad file; name the file either way.
+        message = f"{path}: cannot load as a Keras model ({type(exc).__name__}: {exc})"
+        saved = saved_keras_version(path)
+        if saved and _version(saved) > _version(keras.__version__):
+            message += (f". It was saved by Keras {saved} and this is Keras {keras.__version__}: a "
+                        "newer Keras writes arguments an older one does not know. Upgrade Keras "
+                        f"(pip install 'keras>={saved}'), or save the weights alone "
+                        "(model.save_weights) and build the architecture in code")
+        raise ValueError(message) from exc
+
+
 # ==================== features/models.py ====================
 # Build a registered backbone as a Keras model that takes raw RGB pixels (0..255).
 
@@ -402,10 +459,6 @@ def load_weights_by_order(model, path: str | Path) -> None:
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsNotFound(FileNotFoundError):
-    """A weights file or folder was asked for and is not there."""
 
 
 def preprocess(x, mode: str):
@@ -477,52 +530,6 @@ def weights_identity(resolved: str | None) -> str:
     return f"md5:{file_md5(resolved)}"
 
 
-def describe_model_file(path: Path) -> tuple[tuple[int, int], int]:
-    """Input (height, width) and output channel count of a saved ``.keras`` model."""
-    if not path.is_file():
-        raise WeightsNotFound(f"{path}: saved model does not exist")
-    model = _load_keras_file(str(path))
-    shape = model.input_shape
-    if len(shape) != 4 or shape[1] is None or shape[2] is None or shape[3] != 3:
-        raise ValueError(f"{path}: expected an input of shape (N, H, W, 3) with fixed H and W, "
-                         f"got {shape}")
-    return (int(shape[1]), int(shape[2])), int(model.output_shape[-1])
-
-
-def saved_keras_version(path: str | Path) -> str | None:
-    """The Keras version that wrote a ``.keras`` file (its metadata.json), if it says."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("metadata.json")).get("keras_version")
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
-def _load_keras_file(path: str):
-    """A saved model; the shared EfficientNet-Lite files are built in code from their weights, so
-    they load on every Keras 3, not only on the one that wrote them."""
-    import keras
-
-    lite = re.fullmatch(r"efficientnet_lite(\d)_(top|notop)\.keras", Path(path).name)
-    if lite and int(lite[1]) in LITE_SCALING:
-        return efficientnet_lite(int(lite[1]), include_top=lite[2] == "top", weights=path)
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many types for a bad file; name the file either way.
-        message = f"{path}: cannot load as a Keras model ({type(exc).__name__}: {exc})"
-        saved = saved_keras_version(path)
-        if saved and _version(saved) > _version(keras.__version__):
-            message += (f". It was saved by Keras {saved} and this is Keras {keras.__version__}: a "
-                        "newer Keras writes arguments an older one does not know. Upgrade Keras "
-                        f"(pip install 'keras>={saved}'), or save the weights alone "
-                        "(model.save_weights) and build the architecture in code")
-        raise ValueError(message) from exc
-
-
 def _constructor(dotted: str):
     """The function a registry entry names. In kernel.py our modules are one file, so a
     constructor of ours that cannot be imported is looked up in this module instead."""
@@ -563,7 +570,7 @@ def _build_feature_map_model(backbone: Backbone, weights: str | Path | None):
     resolved = resolve_weights(backbone, weights)
     height, width = backbone.input_size
     if backbone.is_file:
-        base = _load_keras_file(resolved)
+        base = load_keras_file(resolved)
         if backbone.feature_layer and backbone.feature_layer != base.layers[-1].name:
             base = keras.Model(base.inputs, base.get_layer(backbone.feature_layer).output)
     else:
@@ -663,7 +670,7 @@ def load_top(backbone: Backbone, weights="default") -> ImageNetTop | None:
         return None
     with dtype_policy("float32"):
         if backbone.is_file:
-            model = _load_keras_file(source)
+            model = load_keras_file(source)
         else:
             model = _constructor(backbone.constructor)(
                 include_top=True, weights=source, input_shape=(*backbone.input_size, 3))
@@ -2656,17 +2663,18 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     for k in np.unique(fold):
         held = fold == k
         done = work / f"fold{k}"
+        held_photos = [p for p, h in zip(train, held) if h]
         if (done / "fold.json").is_file():
             log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
         else:
             started = time.perf_counter()
-            held_photos = [p for p, h in zip(train, held) if h]
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
                         held_photos + extra, runtime,
                         callbacks=list(callbacks(k, held_photos)) if callbacks else [])
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
+        _predict_missing(net, feats, held_photos + extra, done, runtime)
         networks.append(net)
         features[net.entry.name] = feats
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
@@ -2752,6 +2760,23 @@ def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str
     head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
     head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
     return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
+
+
+def _predict_missing(net: FoldNetwork, feats: dict[str, np.ndarray], photos: list[Photo], done: Path,
+                     runtime: str) -> None:
+    """A kept fold knows the photos of the run that trained it; photos this run needs beyond those
+    (other test or held-out photos) are predicted by its saved network now and kept with the rest,
+    never left without features (the ensemble would give them 0.5)."""
+    missing = list({p.id: p for p in photos if p.id not in feats}.values())
+    if not missing:
+        return
+    log.info("%s: %d photos this fold has not seen yet, predicted with its saved network",
+             net.entry.name, len(missing))
+    gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
+    feats.update(zip([p.id for p in missing], gap))
+    tmp = done / "features.tmp.npz"
+    np.savez(tmp, ids=np.array(list(feats), dtype=str), gap=np.stack(list(feats.values())))
+    tmp.replace(done / "features.npz")
 
 
 def fold_stats(work: Path) -> list[dict]:
@@ -3202,7 +3227,8 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
             row += f" {h['log_loss']:.4f} | {h['log_loss_clipped']:.4f} | {h['accuracy']:.4f} |"
         if leaderboard:
             lb = leaderboard.get(name, {})
-            row += f" {_lb(lb.get('public'))} | {_lb(lb.get('private'))} |"
+            public = _lb(lb.get("public")) or (lb.get("status") or "").lower()  # pending, error
+            row += f" {public} | {_lb(lb.get('private'))} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -3212,8 +3238,10 @@ def submissions_section(submissions: dict[str, dict], run: Path) -> list[str]:
     (paths as the run was given, so the lines work from where it was started)."""
     lines = ["## A Kaggle submission for every model", "",
              "Each file is `id,label` for every test photo, clipped where clipping lowers that "
-             "model's CV log loss. Submit it from the notebook's Output tab, or with the Kaggle CLI; "
-             "then record the scores: `python -m stacking.leaderboard RUN --record MODEL=PUBLIC[,PRIVATE]`.", "",
+             "model's CV log loss. Submit them and record their scores in one command: "
+             "`python -m stacking.leaderboard RUN --submit MODEL[,MODEL...]`; or submit from the "
+             "notebook's Output tab or with the Kaggle CLI, then record the scores: "
+             "`python -m stacking.leaderboard RUN --record MODEL=PUBLIC[,PRIVATE]`.", "",
              "| model | file | clipped | CV log loss as submitted |", "| --- | --- | --- | --- |"]
     for name, sub in submissions.items():
         lines.append(f"| {name} | `{sub['file']}` | {'yes' if sub['clipped'] else 'no'} | {sub['cv_log_loss']:.4f} |")
@@ -3398,9 +3426,24 @@ def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]
     return set(held)
 
 
+@dataclass
+class BackboneFeatures:
+    """Stage 1: every backbone's cached features (``loaded``), what made them (``described``, one
+    dict per backbone, as the ensemble keeps them), the photos some backbone could not read, and
+    the ImageNet tops at hand ({backbone: top})."""
+
+    loaded: dict
+    described: list[dict]
+    unreadable: list[str]
+
+    @property
+    def tops(self) -> dict:
+        return {name: f.top for name, f in self.loaded.items() if f.top is not None}
+
+
 def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
            overwrite: bool, batch_size: int | None = None, precision: str = "auto",
-           decode_once: bool = False, imagenet: bool = True) -> tuple[dict, list[dict], list]:
+           decode_once: bool = False, imagenet: bool = True) -> BackboneFeatures:
     """Features of every backbone from the cache (extracting what is missing: backbone by backbone,
     or with ``decode_once`` each photo decoded once for all of them), and what made them.
     ``imagenet``: with each backbone's ImageNet classifier and logits where its top is at hand."""
@@ -3425,7 +3468,7 @@ def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bo
                           "precision": loaded[backbone.name].attrs.get("precision", "float32"),
                           "cache": str(path), "runtime": loaded[backbone.name].attrs.get("runtime"),
                           "imagenet_top": loaded[backbone.name].top and loaded[backbone.name].top.identity})
-    return loaded, described, sorted(set(unreadable))
+    return BackboneFeatures(loaded, described, sorted(set(unreadable)))
 
 
 def rows(loaded: dict, ids: list[str], split: str) -> dict[str, np.ndarray]:
@@ -3453,41 +3496,83 @@ def id_rows(table: dict[str, np.ndarray], ids: list[str], dim: int) -> np.ndarra
     return X
 
 
-def finetune_all(args, photos: PhotoSet, names: list[str], loaded: dict, train: list, y: np.ndarray,
-                 fold: np.ndarray, extra: list) -> tuple[dict, list[dict], dict, dict]:
-    """Each backbone of ``--finetune`` trained once per fold (``oof.finetune``). Returns the
-    level-1 CrossFits, the fold networks as backbone descriptions, their features by photo id,
-    and what the report says of each."""
-    recipe = Recipe(epochs=args.finetune_epochs, seed=args.seed)
-    models, described, features, info = {}, [], {}, {}
-    train_ids = [p.id for p in train]
+@dataclass
+class TrainingRows:
+    """Stage 2: the training photos every backbone could read (held-out ones set aside), their
+    ids, labels and feature rows, and the fold of each row (made once, saved, shared by every
+    model at every level)."""
+
+    train: list
+    held: list
+    ids: list[str]
+    y: np.ndarray
+    X: dict[str, np.ndarray]
+    fold: np.ndarray | None = None
+
+
+def training_rows(photos: PhotoSet, loaded: dict, holdout: float, seed: int) -> TrainingRows:
+    """The rows every model trains on: readable by every backbone, not held out."""
+    held_out = holdout_ids(photos, holdout, seed)
+    held = [p for p in photos.train if p.id in held_out]
+    readable = set.intersection(*(set(f.train_ids) for f in loaded.values()))
+    train = [p for p in photos.train if p.id in readable and p.id not in held_out]
+    ids, y = [p.id for p in train], np.array([p.label for p in train])
+    return TrainingRows(train, held, ids, y, rows(loaded, ids, "train"))
+
+
+def shared_folds(ids: list[str], y: np.ndarray, out: Path, n_folds: int, folds_file: str | None,
+                 seed: int) -> np.ndarray:
+    """The fold of each row: made once (or read from ``folds_file``), saved as OUT/folds.csv."""
+    folds = load_folds(folds_file, ids) if folds_file else make_folds(ids, y, n_folds, seed)
+    save_folds(folds, out / "folds.csv")
+    return align_folds(folds, ids)["fold"].to_numpy()
+
+
+@dataclass
+class FineTuned:
+    """Stage 3a: the fine-tuned networks. ``models``: their level-1 CrossFits; ``described``: the
+    fold networks as backbones; ``features``: their GAP rows by photo id; ``info``: what the report
+    says of each backbone's fine-tuning."""
+
+    models: dict = field(default_factory=dict)
+    described: list[dict] = field(default_factory=list)
+    features: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dict, data: TrainingRows,
+                 weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+    """Each backbone of ``names`` trained once per fold (``oof.finetune``); the warm-up reads its
+    frozen GAP features, extracted here if the run's backbones do not include it."""
+    tuned = FineTuned()
+    extra = data.held + photos.test
     for name in names:
         backbone = get_backbone(name)
-        if backbone.name not in loaded:  # the warm-up reads its frozen GAP features
-            loaded[backbone.name] = load_features(extract(photos, name, args.weights, args.cache,
-                                                          args.batch_size, precision=args.precision))
-        warm = rows({backbone.name: loaded[backbone.name]}, train_ids, "train")[backbone.name]
-        resolved = resolve_weights(backbone, args.weights)
-        work = work_folder(Path(args.cache) / "finetune", backbone, weights_identity(resolved), recipe,
-                           train_ids, y, fold)
-        result = finetune_folds(backbone, args.weights, train, y, fold, warm, extra, work, recipe)
-        models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
+        if backbone.name not in loaded:
+            loaded[backbone.name] = load_features(extract(photos, name, weights, cache, batch_size,
+                                                          precision=precision))
+        warm = rows({backbone.name: loaded[backbone.name]}, data.ids, "train")[backbone.name]
+        resolved = resolve_weights(backbone, weights)
+        work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
+                           data.ids, data.y, data.fold)
+        result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
+        tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
-            described.append({"name": net.entry.name, "entry": asdict(net.entry),
-                              "weights": net.entry.weights, "tta": False, "precision": "float32",
-                              "fold_network_of": backbone.name})
-        features.update(result.features)
-        info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
-                               "seconds_this_run": result.seconds}
-    return models, described, features, info
+            tuned.described.append({"name": net.entry.name, "entry": asdict(net.entry),
+                                    "weights": net.entry.weights, "tta": False, "precision": "float32",
+                                    "fold_network_of": backbone.name})
+        tuned.features.update(result.features)
+        tuned.info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
+                                     "seconds_this_run": result.seconds}
+    return tuned
 
 
 def read_exclusions(path: str | Path) -> set[str]:
-    """Ids to leave out of training: rows of an outliers.csv (from features.clean) whose ``drop``
+    """Ids to leave out of training: rows of an outliers.csv (from oof.clean) whose ``drop``
     is 1, or every row when the file has no ``drop`` column."""
     df = pd.read_csv(path, dtype={"id": str})
     if "id" not in df.columns:
-        raise ValueError(f"{path}: needs an id column (an outliers.csv from features.clean)")
+        raise ValueError(f"{path}: needs an id column (an outliers.csv from oof.clean)")
     if "drop" in df.columns:
         df = df[df["drop"].astype(int) == 1]
     return set(df["id"])
@@ -3532,106 +3617,185 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
-def run(args: argparse.Namespace) -> dict:
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    photos = load_photos(args.data)
-    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+@dataclass
+class Plan:
+    """What the arguments ask for, checked before any photo is read: the backbones and the
+    fine-tuned backbones (as given: registry names or .keras paths), and the level-1 heads."""
+
+    backbones: list[str]
+    heads: list[str]
+    finetune: list[str]
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def planned_models(backbones: list[Backbone], heads: list[str], weights, imagenet: bool,
+                   finetune: list[Backbone], concat: bool) -> list[str]:
+    """The models a run with these settings will have (an ImageNet prior where its top is at hand)."""
+    level1 = [f"{b.name}/{h}" for b in backbones for h in heads]
+    level1 += [f"{b.name}/{PRIOR}" for b in backbones if imagenet and top_weights(b, weights) is not None]
+    level1 += [f"{b.name}/{FINETUNED}" for b in finetune]
+    return level1 + ([CONCAT] if concat else []) + (list(STACKERS) if len(level1) > 1 else [])
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """Every mistake that can be found before extraction, in one sentence naming it: unknown
+    backbones, heads or models, settings that cannot work, an output folder that cannot be written
+    (it is made here)."""
+    backbones = _names(args.backbones)
+    entries = [get_backbone(b) for b in backbones]  # an unknown name is refused here
+    if not backbones:
+        raise ValueError("--backbones names no backbone; e.g. --backbones "
+                         f"{','.join(DEFAULT_BACKBONES)} (available: {', '.join(list_backbones())}, "
+                         "or the path of a saved .keras model)")
+    heads = _names(args.heads)
     for h in heads:
         if h not in HEADS:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
-    # The cache holds every training photo; the holdout is a selection of rows, so changing
-    # --holdout never invalidates the features.
-    loaded, described, unreadable = gather(photos, backbones, args.weights, Path(args.cache), args.tta,
-                                           args.overwrite, args.batch_size, args.precision,
-                                           args.decode_once, not args.no_imagenet)
-    tops = {name: f.top for name, f in loaded.items() if f.top is not None}
-    held_out = holdout_ids(photos, args.holdout, args.seed)
-    held = [p for p in photos.train if p.id in held_out]
-    # Training rows: photos every backbone could read.
-    readable = set.intersection(*(set(f.train_ids) for f in loaded.values()))
-    train = [p for p in photos.train if p.id in readable and p.id not in held_out]
-    train_ids, y = [p.id for p in train], np.array([p.label for p in train])
-    X = rows(loaded, train_ids, "train")
-    if args.folds_file:
-        folds = load_folds(args.folds_file, train_ids)
-    else:
-        folds = make_folds(train_ids, y, args.folds, args.seed)
-    save_folds(folds, out / "folds.csv")
-    folds = align_folds(folds, train_ids)
-    fold = folds["fold"].to_numpy()
+    finetune = _names(args.finetune)
+    tuned = [get_backbone(b) for b in finetune]
+    if finetune and args.finetune_epochs < 1:
+        raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
+    if finetune and args.exclude:
+        raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
+                         "would have to be trained twice)")
+    if not args.folds_file and args.folds < 2:
+        raise ValueError(f"--folds {args.folds}: out-of-fold predictions need at least 2 folds")
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout {args.holdout}: a fraction of the training photos, 0 <= f < 1")
+    for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.submit_with:
+        models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned,
+                                not args.no_concat)
+        if args.submit_with not in models:
+            raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have: "
+                           + ", ".join(models))
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".gapstack-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return Plan(backbones, heads, finetune)
 
-    finetune_names = [b.strip() for b in args.finetune.split(",") if b.strip()]
-    finetuned, ft_described, ft_features, ft_info = {}, [], {}, {}
-    if finetune_names:
-        if args.exclude:
-            raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
-                             "would have to be trained twice)")
-        finetuned, ft_described, ft_features, ft_info = finetune_all(
-            args, photos, finetune_names, loaded, train, y, fold, held + photos.test)
 
-    def features_of(ids: list[str], split: str) -> dict[str, np.ndarray]:
-        """Every backbone's rows for ``ids``, fold networks included."""
-        out = rows({b["name"]: loaded[b["name"]] for b in described}, ids, split)
-        for b in ft_described:
-            out[b["name"]] = id_rows(ft_features[b["name"]], ids, b["entry"]["feature_dim"])
-        return out
+@dataclass
+class Fitted:
+    """Stages 3b and 4: the ensemble fitted on the training rows (all of them, or those kept by
+    ``--exclude``), each model's OOF P(dog), the rows that OOF is over, and the exclusion
+    comparison (None without ``--exclude``)."""
 
-    exclusion = None
-    if args.exclude:
-        keep = ~np.isin(train_ids, sorted(read_exclusions(args.exclude)))
+    ensemble: Ensemble
+    oof: dict[str, np.ndarray]
+    ids: list[str]
+    y: np.ndarray
+    fold: np.ndarray
+    exclusion: dict | None
+    seconds: float
+
+
+def fit_levels(feats: BackboneFeatures, data: TrainingRows, heads: list[str], concat: bool, test_mode: str,
+               tuned: FineTuned, exclude: str | None = None) -> Fitted:
+    """Level 1 (a head per backbone, the ImageNet priors, the fine-tuned networks, concat-fusion)
+    and level 2 (the stackers), all on the shared folds. With ``exclude`` (an outliers.csv), every
+    model is fitted with the listed rows first, for the comparison, then without them."""
+    X, y, fold, ids = data.X, data.y, data.fold, data.ids
+    if exclude:
+        keep = ~np.isin(ids, sorted(read_exclusions(exclude)))
         log.info("exclusion: %d of %d training photos left out; fitting with them for comparison",
                  int((~keep).sum()), len(keep))
-        _, oof_with = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                   test_mode=args.test_mode, tops=tops, log=log.debug)
-        X_all, y_all = X, y
-        train_ids = [i for i, k in zip(train_ids, keep) if k]
+        _, oof_with = fit_ensemble(feats.described, X, y, fold, heads, concat, test_mode=test_mode,
+                                   tops=feats.tops, log=log.debug)
+        ids = [i for i, k in zip(ids, keep) if k]
         X, y, fold = {b: x[keep] for b, x in X.items()}, y[keep], fold[keep]
-    fit_started = time.time()
-    ensemble, oof = fit_ensemble(described, X, y, fold, heads, not args.no_concat,
-                                 test_mode=args.test_mode, tops=tops, finetuned=finetuned, log=log.info)
-    ensemble.backbones = described + ft_described
-    fit_seconds = time.time() - fit_started
-    if args.exclude:
-        excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in X_all.items()})
-        exclusion = compare_exclusion(args.exclude, keep, y_all, oof_with, oof, excluded_pred)
-    cv = {name: scores(y, p) for name, p in oof.items()}
-    chosen, clipped, reason = choose_model(cv, args.submit_with, args.clip)
+    started = time.time()
+    ensemble, oof = fit_ensemble(feats.described, X, y, fold, heads, concat, test_mode=test_mode,
+                                 tops=feats.tops, finetuned=tuned.models, log=log.info)
+    ensemble.backbones = feats.described + tuned.described
+    seconds = time.time() - started
+    exclusion = None
+    if exclude:
+        excluded_pred = ensemble.predict_all({b: x[~keep] for b, x in data.X.items()})
+        exclusion = compare_exclusion(exclude, keep, data.y, oof_with, oof, excluded_pred)
+    return Fitted(ensemble, oof, ids, y, fold, exclusion, seconds)
+
+
+def features_of(feats: BackboneFeatures, tuned: FineTuned, ids: list[str], split: str) -> dict[str, np.ndarray]:
+    """Every backbone's rows for ``ids``, fold networks included."""
+    out = rows({b["name"]: feats.loaded[b["name"]] for b in feats.described}, ids, split)
+    for b in tuned.described:
+        out[b["name"]] = id_rows(tuned.features[b["name"]], ids, b["entry"]["feature_dim"])
+    return out
+
+
+def write_outputs(out: Path, fitted: Fitted, test_pred: dict[str, np.ndarray], test_ids: list[str],
+                  submit_with: str | None, clip_mode: str) -> tuple[dict, str, bool, str, dict]:
+    """Stage 5: the ensemble (model/), every model's OOF and test predictions, submission.csv and
+    one submission per model. Returns (CV scores, chosen model, clipped, why, submissions)."""
+    ensemble, oof = fitted.ensemble, fitted.oof
+    cv = {name: scores(fitted.y, p) for name, p in oof.items()}
+    chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
     ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
     ensemble.save(out / "model")
-
     (out / "oof").mkdir(exist_ok=True)
     (out / "test").mkdir(exist_ok=True)
     for name, p in oof.items():
-        save_oof(prediction_path(out / "oof", name), train_ids, y, fold, p)
-    test_ids = [p.id for p in photos.test]
-    test_pred = ensemble.predict_all(features_of(test_ids, "test"))
+        save_oof(prediction_path(out / "oof", name), fitted.ids, fitted.y, fitted.fold, p)
     for name, p in test_pred.items():
         save_test(prediction_path(out / "test", name), test_ids, p)
     write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
-    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, args.clip)
+    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, clip_mode)
+    return cv, chosen, clipped, reason, submissions
 
-    holdout = None
-    if held:
-        held_ids = [p.id for p in held]
-        held_y = np.array([p.label for p in held])
-        held_pred = ensemble.predict_all(features_of(held_ids, "train"))
-        holdout = {name: scores(held_y, held_pred[name]) for name in cv}
-        pd.DataFrame({"id": held_ids, "label": held_y, **held_pred}).to_csv(out / "holdout.csv", index=False)
 
-    level1, stackers = list(ensemble.level1), list(ensemble.level2)
-    info = {"out": str(out), "data": photos.sources, "n_train": len(train_ids), "n_holdout": len(held),
-            "exclusion": exclusion,
-            "finetune": ft_info or None,
-            "imagenet_prior": effect_of(of_kind(level1, PRIOR), oof, level1, y, fold, stackers),
-            "finetune_effect": effect_of(of_kind(level1, FINETUNED), oof, level1, y, fold, stackers),
+def score_holdout(out: Path, held: list, predict, models) -> dict | None:
+    """Every model's scores on the held-out photos, and OUT/holdout.csv (their labels and P(dog));
+    ``predict``: photo ids -> every model's P(dog)."""
+    if not held:
+        return None
+    held_ids, held_y = [p.id for p in held], np.array([p.label for p in held])
+    predicted = predict(held_ids)
+    pd.DataFrame({"id": held_ids, "label": held_y, **predicted}).to_csv(out / "holdout.csv", index=False)
+    return {name: scores(held_y, predicted[name]) for name in models}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Features -> folds -> level 1 (heads, priors, fine-tuned networks) -> level 2 -> outputs."""
+    started = time.time()
+    plan = check_args(args)
+    out = Path(args.out)
+    photos = load_photos(args.data)
+    feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
+                   args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
+    data = training_rows(photos, feats.loaded, args.holdout, args.seed)
+    data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
+    tuned = finetune_all(plan.finetune, Recipe(epochs=args.finetune_epochs, seed=args.seed), photos,
+                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision)
+    fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
+    test_ids = [p.id for p in photos.test]
+    test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
+    cv, chosen, clipped, reason, submissions = write_outputs(out, fitted, test_pred, test_ids,
+                                                             args.submit_with, args.clip)
+    holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
+        features_of(feats, tuned, ids, "train")), cv)
+    level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
+    y, fold = fitted.y, fitted.fold
+    info = {"out": str(out), "data": photos.sources, "n_train": len(fitted.ids), "n_holdout": len(data.held),
+            "exclusion": fitted.exclusion,
+            "finetune": tuned.info or None,
+            "imagenet_prior": effect_of(of_kind(level1, PRIOR), fitted.oof, level1, y, fold, stackers),
+            "finetune_effect": effect_of(of_kind(level1, FINETUNED), fitted.oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
-            "backbones": backbones, "heads": heads, "test_mode": args.test_mode,
-            "unreadable": unreadable, "backbone_details": described,
-            "seconds": round(time.time() - started, 1), "fit_seconds": round(fit_seconds, 1)}
-    table = write_report(out, info, cv, holdout, chosen, clipped, reason, oof, y, submissions)
+            "backbones": plan.backbones, "heads": plan.heads, "test_mode": args.test_mode,
+            "unreadable": feats.unreadable, "backbone_details": feats.described,
+            "seconds": round(time.time() - started, 1), "fit_seconds": round(fitted.seconds, 1)}
+    table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
           f"report: {out / 'report.md'}")
@@ -3683,7 +3847,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
     parser.add_argument("--exclude", default=None,
-                        help="outliers.csv (features.clean): train without its rows whose drop is 1, "
+                        help="outliers.csv (oof.clean): train without its rows whose drop is 1, "
                              "and report the CV with and without them")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
@@ -3739,6 +3903,16 @@ def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | 
     return joined
 
 
+def own_argv() -> list[str]:
+    """The command-line flags meant for the kernel: ``sys.argv[1:]`` when it runs as a file
+    (``python kernel.py ...``, ``%run kernel.py ...``), none when it is pasted into a notebook
+    cell, where there is no ``__file__`` and ``sys.argv`` is the Jupyter kernel's own
+    (``-f CONNECTION_FILE.json``): the settings are then the constants above."""
+    argv = sys.argv[1:]
+    jupyter = argv[:1] == ["-f"] and len(argv) > 1 and argv[1].endswith(".json")
+    return [] if "__file__" not in globals() or jupyter else argv
+
+
 def kaggle_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kernel.py", description="Dogs vs. Cats Redux: GAP features of pretrained CNNs, "
@@ -3756,7 +3930,13 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
-    backbones = [b for b in args.backbones.split(",") if b]
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    try:  # a misspelt name is said before any weight search or extraction
+        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip()]:
+            get_backbone(name)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
+        return 2
     weights = args.weights_dir or find_weights_dir(backbones, root)
     data = args.data or ([str(root / KAGGLE_COMPETITION.name)] if args.input
                          else [str(d) for d in default_data_dirs()])
@@ -3767,7 +3947,7 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
     run_args += ["--finetune", args.finetune] if args.finetune else []
-    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
+    run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs is not None else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:
         run_args += ["--batch-size", str(GPU_BATCH_SIZE)]
@@ -3777,4 +3957,6 @@ def kaggle_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(kaggle_main())
+    _code = kaggle_main(own_argv())
+    if _code:
+        sys.exit(_code)

@@ -33,7 +33,10 @@ def shared_dir() -> Path:
     env = os.environ.get("GAPSTACK_SHARED")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared"
+    # kernel.py pasted into a notebook cell has no __file__: its checkout is the working folder.
+    here = globals().get("__file__")
+    checkout = Path(here).resolve().parent.parent if here else Path.cwd()
+    return checkout.parent / "shared"
 
 
 def default_data_dirs() -> list[Path]:

@@ -1,8 +1,10 @@
 """kernel.py: built from the package, standalone, and runs alone on a Kaggle-style zipped input
-the way a Kaggle notebook has it: no onnxruntime, tf2onnx or simplejpeg, weights in an attached
-dataset, and none of TensorFlow's C++ start-up lines in what the user reads."""
+the way a Kaggle notebook has it: pasted into a cell or %run in a real Jupyter kernel, or run as a
+file; no onnxruntime, tf2onnx or simplejpeg, weights in an attached dataset, and none of
+TensorFlow's C++ start-up lines in what the user reads."""
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -62,27 +64,79 @@ def run_kernel(tmp_path, *args):
     return work, out
 
 
-def check_outputs(work, out, models, n_test):
-    sub = pd.read_csv(work / "out" / "submission.csv")
+def check_outputs(work, out, models, n_test, folder="out"):
+    sub = pd.read_csv(work / folder / "submission.csv")
     assert sub["id"].tolist() == list(range(1, n_test + 1)) and sub["label"].between(0, 1).all()
-    report = (work / "out" / "report.md").read_text()
+    report = (work / folder / "report.md").read_text()
     for model in models:
         assert f"| {model}" in report and f"| {model}" in out.stdout
-        per_model = pd.read_csv(work / "out" / "submissions" / f"{model.replace('/', '__')}.csv")
+        per_model = pd.read_csv(work / folder / "submissions" / f"{model.replace('/', '__')}.csv")
         assert per_model["id"].tolist() == sub["id"].tolist() and per_model["label"].between(0, 1).all()
 
 
-def test_kernel_runs_alone_on_zipped_kaggle_input(tmp_path):
+def edited(source: str, **settings) -> str:
+    """kernel.py with its settings block edited as a user edits it: each NAME = value line."""
+    for name, value in settings.items():
+        line = re.search(rf"^{name} = .*$", source, re.M)
+        assert line, f"no setting {name} in kernel.py"
+        source = source[:line.start()] + f"{name} = {value!r}" + source[line.end():]
+    return source
+
+
+def run_notebook(work, cells: list[str]):
+    """Execute the cells in a real Jupyter kernel (ipykernel), as Kaggle's notebook editor does;
+    returns the executed notebook. A cell that raises fails the test with its output."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(work)}}).execute()
+    return nb
+
+
+def cell_text(cell) -> str:
+    return "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+                   + "".join(o.get("traceback", [])) for o in cell.outputs)
+
+
+def test_kernel_runs_in_a_notebook_pasted_and_with_percent_run(tmp_path):
+    """kernel.py pasted as one notebook cell with its settings edited (no __file__, ipykernel's
+    -f CONNECTION_FILE in sys.argv), then as %run kernel.py with flags, in a real Jupyter kernel,
+    with our packages and the NOT_ON_KAGGLE ones unimportable: both write submission.csv and
+    submissions/, and a successful run ends without SystemExit."""
     root = kaggle_input(tmp_path, 30, 12)
-    work, out = run_kernel(tmp_path, "--data", str(root / "dogs-vs-cats-redux-kernels-edition"),
-                           "--backbones", "efficientnet_lite0,efficientnet_lite2",
-                           "--weights-dir", str(WEIGHTS), "--folds", "3",
-                           "--finetune", "efficientnet_lite0", "--finetune-epochs", "1")
-    check_outputs(work, out, ("efficientnet_lite0/logistic", "efficientnet_lite2/logistic",
-                              "efficientnet_lite2/imagenet", "efficientnet_lite0/finetuned", "concat-fusion",
-                              "stack-lr", "stack-lgbm"), 12)
+    competition = root / "dogs-vs-cats-redux-kernels-edition"
+    work = tmp_path / "notebook"
+    work.mkdir()
+    shutil.copy(REPO / "kernel.py", work / "kernel.py")
+    source = edited((REPO / "kernel.py").read_text(), DATA=str(competition), WEIGHTS_DIR=str(WEIGHTS),
+                    OUT=str(work / "out"), BACKBONES="efficientnet_lite0,efficientnet_lite2", FOLDS=2,
+                    FINETUNE="efficientnet_lite0", FINETUNE_EPOCHS=1)
+    blocked = ", ".join(f"{m}=None" for m in (*OURS, "tools", *NOT_ON_KAGGLE))
+    percent_run = (f"%run kernel.py --data {competition} --weights-dir {WEIGHTS} --out {work / 'run'} "
+                   "--backbones efficientnet_lite0 --folds 2")
+    nb = run_notebook(work, [f"import sys\nsys.modules.update({blocked})\nprint(sys.argv)", source,
+                             percent_run])
+    argv, pasted, ran = (cell_text(c) for c in nb.cells)
+    assert "-f" in argv and ".json" in argv  # the kernel's own arguments were there to be ignored
+    for text in (pasted, ran):
+        assert "SystemExit" not in text and "Traceback" not in text, text[-3000:]
+        for noise in ("cuInit", "E0000", "absl::InitializeLog", "cudart_stub"):
+            assert noise not in text, f"TensorFlow start-up line shown: {noise}"
+
+    class Out:
+        stdout = pasted
+
+    check_outputs(work, Out, ("efficientnet_lite0/logistic", "efficientnet_lite2/logistic",
+                              "efficientnet_lite2/imagenet", "efficientnet_lite0/finetuned",
+                              "concat-fusion", "stack-lr", "stack-lgbm"), 12)
     assert "What the ImageNet prior adds" in (work / "out" / "report.md").read_text()
     assert (work / "cache" / "gap_efficientnet_lite0.h5").exists()
+    Out.stdout = ran
+    check_outputs(work, Out, ("efficientnet_lite0/logistic", "concat-fusion"), 12, folder="run")
+    assert "efficientnet_lite2/logistic" not in (work / "run" / "report.md").read_text()  # the flags won
 
 
 def test_writeups_four_backbones_from_an_attached_weights_dataset(tmp_path):

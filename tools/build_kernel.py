@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OURS = ("features", "oof", "stacking")
 MODULES = [
-    "features/defaults.py", "features/registry.py", "features/efficientnet_lite.py",
+    "features/defaults.py", "features/registry.py", "features/efficientnet_lite.py", "features/model_files.py",
     "features/models.py", "features/imagenet.py", "features/images.py",
     "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py",
     "features/extract.py",
@@ -116,7 +116,10 @@ def build() -> str:
         + "\n\n"
         f'__version__ = "{version}"\n'
     )
-    footer = '\n\nif __name__ == "__main__":\n    sys.exit(kaggle_main())\n'
+    # A notebook cell runs as __main__ too: a successful run ends quietly there (SystemExit(0)
+    # would print a traceback-like message), a failed one still stops with its exit code.
+    footer = ('\n\nif __name__ == "__main__":\n    _code = kaggle_main(own_argv())\n'
+              "    if _code:\n        sys.exit(_code)\n")
     text = header + "".join(bodies).rstrip() + "\n" + footer
     text = re.sub(r"\n{4,}", "\n\n\n", text)
     compile(text, "kernel.py", "exec")
