@@ -14,8 +14,9 @@ BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public w
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
-FINETUNE = ""  # e.g. "xception": also fine-tune these backbones, one network per fold (hours)
+FINETUNE = "auto"  # auto: fine-tune every backbone on a GPU (none on a CPU); "none"; or names
 FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: the recipe's)
+FINETUNE_BUDGET = None  # minutes fine-tuning may take (None: stacking.run's); auto keeps within it
 
 import argparse
 import copy
@@ -2682,6 +2683,37 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     return FinetuneResult(oof, networks, features, seconds)
 
 
+def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe: Recipe = Recipe(),
+                  steps: int = 3) -> float:
+    """Photos per second of whole-network training on this machine, measured: a throwaway copy
+    of the network takes one batch of the recipe's size ``steps`` times; the first step (graph
+    building) is not counted."""
+    import keras
+
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    batch = [photos[i % len(photos)] for i in range(recipe.batch_size)]
+    pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
+    labels = np.array([p.label for p in batch], np.float32)
+    model, _ = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    times = []
+    for _ in range(max(2, steps)):
+        started = time.perf_counter()
+        model.train_on_batch(pixels, labels)
+        times.append(time.perf_counter() - started)
+    keras.backend.clear_session()
+    return len(batch) / float(np.mean(times[1:]))
+
+
+def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,
+                     predict_rate: float, folds_left: int | None = None) -> float:
+    """Seconds to fine-tune the folds left: each trains on the other folds' photos for ``epochs``
+    and predicts its own fold and ``n_predict`` more photos (test, held out)."""
+    per_fold = (epochs * n_train * (folds - 1) / folds / train_rate
+                + (n_train / folds + n_predict) / predict_rate)
+    return per_fold * (folds if folds_left is None else folds_left)
+
+
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
                 progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:
@@ -3413,6 +3445,9 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
 # The whole two-level run in one command.
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Minutes of fine-tuning a run may spend by default: well inside a Kaggle GPU session's 12 hours,
+# with extraction, the heads and the stackers still to come.
+FINETUNE_MINUTES = 120.0
 
 
 def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]:
@@ -3541,11 +3576,15 @@ class FineTuned:
 
 
 def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dict, data: TrainingRows,
-                 weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+                 weights, cache: Path, batch_size: int | None, precision: str,
+                 budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
     """Each backbone of ``names`` trained once per fold (``oof.finetune``); the warm-up reads its
-    frozen GAP features, extracted here if the run's backbones do not include it."""
+    frozen GAP features, extracted here if the run's backbones do not include it. Before a
+    backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
+    backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
     tuned = FineTuned()
     extra = data.held + photos.test
+    spent = 0.0
     for name in names:
         backbone = get_backbone(name)
         if backbone.name not in loaded:
@@ -3555,6 +3594,18 @@ def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dic
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
                            data.ids, data.y, data.fold)
+        seconds = finetune_estimate(backbone, weights, recipe, data, len(extra), loaded[backbone.name], work)
+        if seconds:
+            over = budget_minutes is not None and spent + seconds > budget_minutes * 60
+            if over and auto:
+                log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
+                            "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
+                            backbone.name, (spent + seconds) / 60, budget_minutes)
+                continue
+            if over:
+                log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
+                            "going on, since it was asked for by name", backbone.name, budget_minutes)
+            spent += seconds
         result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
@@ -3617,6 +3668,27 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
+def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen,
+                      work: Path) -> float:
+    """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
+    Training speed is measured on a few steps here; predicting speed is the frozen backbone's
+    extraction speed from its cache (three times training's where the cache does not say)."""
+    folds = np.unique(data.fold)
+    left = [k for k in folds if not (work / f"fold{k}" / "fold.json").is_file()]
+    if not left:
+        return 0.0
+    train_rate = training_rate(backbone, weights, data.train, recipe)
+    run = frozen.attrs.get("last_run") or {}
+    predict_rate = run["photos"] / run["seconds"] if run.get("seconds") else 3 * train_rate
+    seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
+                               predict_rate, len(left))
+    log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
+             "and predicting at %.0f (measured here): about %.0f min", backbone.name, len(left),
+             recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate, predict_rate,
+             seconds / 60)
+    return seconds
+
+
 @dataclass
 class Plan:
     """What the arguments ask for, checked before any photo is read: the backbones and the
@@ -3625,10 +3697,23 @@ class Plan:
     backbones: list[str]
     heads: list[str]
     finetune: list[str]
+    finetune_auto: bool = False  # chosen by --finetune auto: kept within the budget
 
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bool) -> list[str]:
+    """The backbones to fine-tune. "auto" (the default): every backbone of the run where Keras has
+    a GPU (minutes a backbone there), none on a CPU (hours: it stays opt-in, by name) or with
+    --exclude; "none" or "": none; else the names given."""
+    if requested.strip() == "auto":
+        if not gpu:
+            log.info("fine-tuning: off without a GPU (hours on a CPU); --finetune %s turns it on and "
+                     "says first how long it will take", backbones[0] if backbones else "BACKBONE")
+        return list(backbones) if gpu and not exclude else []
+    return [] if requested.strip() == "none" else _names(requested)
 
 
 def planned_models(backbones: list[Backbone], heads: list[str], weights, imagenet: bool,
@@ -3654,11 +3739,12 @@ def check_args(args: argparse.Namespace) -> Plan:
     for h in heads:
         if h not in HEADS:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
-    finetune = _names(args.finetune)
+    auto = args.finetune.strip() == "auto"
+    finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
-    if finetune and args.exclude:
+    if finetune and args.exclude and not auto:
         raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
                          "would have to be trained twice)")
     if not args.folds_file and args.folds < 2:
@@ -3682,7 +3768,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    return Plan(backbones, heads, finetune)
+    return Plan(backbones, heads, finetune, auto)
 
 
 @dataclass
@@ -3776,7 +3862,8 @@ def run(args: argparse.Namespace) -> dict:
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
     tuned = finetune_all(plan.finetune, Recipe(epochs=args.finetune_epochs, seed=args.seed), photos,
-                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision)
+                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
+                         args.finetune_budget, plan.finetune_auto)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
@@ -3820,9 +3907,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
-    parser.add_argument("--finetune", default="",
+    parser.add_argument("--finetune", default="auto",
                         help="comma-separated backbones to fine-tune, one network per fold, as "
-                             "level-1 models <backbone>/finetuned (off by default: hours on a CPU)")
+                             "level-1 models <backbone>/finetuned; auto (default): every backbone "
+                             "where Keras has a GPU, within --finetune-budget, none on a CPU (hours "
+                             "there); none: off")
+    parser.add_argument("--finetune-budget", type=float, default=FINETUNE_MINUTES, metavar="MINUTES",
+                        help="minutes fine-tuning may take in all; with --finetune auto a backbone "
+                             "that would pass it is left out (default: %(default)s)")
     parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
                         help="epochs of whole-network training per fold (default: %(default)s)")
     parser.add_argument("--no-imagenet", action="store_true",
@@ -3927,12 +4019,13 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=FOLDS)
     parser.add_argument("--finetune", default=FINETUNE)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    parser.add_argument("--finetune-budget", type=float, default=FINETUNE_BUDGET)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     try:  # a misspelt name is said before any weight search or extraction
-        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip()]:
+        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip() not in ("", "auto", "none")]:
             get_backbone(name)
     except KeyError as exc:
         print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
@@ -3946,7 +4039,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
                     "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
-    run_args += ["--finetune", args.finetune] if args.finetune else []
+    run_args += ["--finetune", args.finetune or "none"]
+    run_args += ["--finetune-budget", str(args.finetune_budget)] if args.finetune_budget is not None else []
     run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs is not None else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:

@@ -234,6 +234,37 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     return FinetuneResult(oof, networks, features, seconds)
 
 
+def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe: Recipe = Recipe(),
+                  steps: int = 3) -> float:
+    """Photos per second of whole-network training on this machine, measured: a throwaway copy
+    of the network takes one batch of the recipe's size ``steps`` times; the first step (graph
+    building) is not counted."""
+    import keras
+
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    batch = [photos[i % len(photos)] for i in range(recipe.batch_size)]
+    pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
+    labels = np.array([p.label for p in batch], np.float32)
+    model, _ = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    times = []
+    for _ in range(max(2, steps)):
+        started = time.perf_counter()
+        model.train_on_batch(pixels, labels)
+        times.append(time.perf_counter() - started)
+    keras.backend.clear_session()
+    return len(batch) / float(np.mean(times[1:]))
+
+
+def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,
+                     predict_rate: float, folds_left: int | None = None) -> float:
+    """Seconds to fine-tune the folds left: each trains on the other folds' photos for ``epochs``
+    and predicts its own fold and ``n_predict`` more photos (test, held out)."""
+    per_fold = (epochs * n_train * (folds - 1) / folds / train_rate
+                + (n_train / folds + n_predict) / predict_rate)
+    return per_fold * (folds if folds_left is None else folds_left)
+
+
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
                 progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:

@@ -26,8 +26,9 @@ BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public w
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
-FINETUNE = ""  # e.g. "xception": also fine-tune these backbones, one network per fold (hours)
+FINETUNE = "auto"  # auto: fine-tune every backbone on a GPU (none on a CPU); "none"; or names
 FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: the recipe's)
+FINETUNE_BUDGET = None  # minutes fine-tuning may take (None: stacking.run's); auto keeps within it
 # --- end settings ---
 
 
@@ -86,12 +87,13 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=FOLDS)
     parser.add_argument("--finetune", default=FINETUNE)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    parser.add_argument("--finetune-budget", type=float, default=FINETUNE_BUDGET)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     try:  # a misspelt name is said before any weight search or extraction
-        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip()]:
+        for name in backbones + [b.strip() for b in args.finetune.split(",") if b.strip() not in ("", "auto", "none")]:
             get_backbone(name)
     except KeyError as exc:
         print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
@@ -105,7 +107,8 @@ def kaggle_main(argv: list[str] | None = None) -> int:
                     "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
-    run_args += ["--finetune", args.finetune] if args.finetune else []
+    run_args += ["--finetune", args.finetune or "none"]
+    run_args += ["--finetune-budget", str(args.finetune_budget)] if args.finetune_budget is not None else []
     run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs is not None else []
     run_args += ["--out", out] if out else []
     if has_gpu() and "--batch-size" not in rest:

@@ -30,12 +30,13 @@ from features.extract import extract, extract_many, setup_logging
 from features.models import resolve_weights, weights_identity
 from features.imagenet import top_weights
 from features.registry import Backbone, get_backbone, list_backbones
-from features.runtime import PRECISIONS
+from features.runtime import PRECISIONS, has_gpu
 from oof.crossfit import TEST_MODES, cross_fit
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
-from oof.finetune import FINETUNED, Recipe, finetune_folds, fold_stats, work_folder
+from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats,
+                          training_rate, work_folder)
 from stacking.ensemble import CONCAT, PRIOR, Ensemble, fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.stackers import STACKERS
@@ -45,6 +46,9 @@ from stacking.submission import (CLIP, CLIP_MODES, SUBMISSIONS, scores, write_mo
 log = logging.getLogger("gapstack")
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Minutes of fine-tuning a run may spend by default: well inside a Kaggle GPU session's 12 hours,
+# with extraction, the heads and the stackers still to come.
+FINETUNE_MINUTES = 120.0
 
 
 def holdout_ids(photos: PhotoSet, fraction: float, seed: int = SEED) -> set[str]:
@@ -173,11 +177,15 @@ class FineTuned:
 
 
 def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dict, data: TrainingRows,
-                 weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+                 weights, cache: Path, batch_size: int | None, precision: str,
+                 budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
     """Each backbone of ``names`` trained once per fold (``oof.finetune``); the warm-up reads its
-    frozen GAP features, extracted here if the run's backbones do not include it."""
+    frozen GAP features, extracted here if the run's backbones do not include it. Before a
+    backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
+    backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
     tuned = FineTuned()
     extra = data.held + photos.test
+    spent = 0.0
     for name in names:
         backbone = get_backbone(name)
         if backbone.name not in loaded:
@@ -187,6 +195,18 @@ def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dic
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
                            data.ids, data.y, data.fold)
+        seconds = finetune_estimate(backbone, weights, recipe, data, len(extra), loaded[backbone.name], work)
+        if seconds:
+            over = budget_minutes is not None and spent + seconds > budget_minutes * 60
+            if over and auto:
+                log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
+                            "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
+                            backbone.name, (spent + seconds) / 60, budget_minutes)
+                continue
+            if over:
+                log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
+                            "going on, since it was asked for by name", backbone.name, budget_minutes)
+            spent += seconds
         result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
@@ -249,6 +269,27 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
+def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen,
+                      work: Path) -> float:
+    """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
+    Training speed is measured on a few steps here; predicting speed is the frozen backbone's
+    extraction speed from its cache (three times training's where the cache does not say)."""
+    folds = np.unique(data.fold)
+    left = [k for k in folds if not (work / f"fold{k}" / "fold.json").is_file()]
+    if not left:
+        return 0.0
+    train_rate = training_rate(backbone, weights, data.train, recipe)
+    run = frozen.attrs.get("last_run") or {}
+    predict_rate = run["photos"] / run["seconds"] if run.get("seconds") else 3 * train_rate
+    seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
+                               predict_rate, len(left))
+    log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
+             "and predicting at %.0f (measured here): about %.0f min", backbone.name, len(left),
+             recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate, predict_rate,
+             seconds / 60)
+    return seconds
+
+
 @dataclass
 class Plan:
     """What the arguments ask for, checked before any photo is read: the backbones and the
@@ -257,10 +298,23 @@ class Plan:
     backbones: list[str]
     heads: list[str]
     finetune: list[str]
+    finetune_auto: bool = False  # chosen by --finetune auto: kept within the budget
 
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bool) -> list[str]:
+    """The backbones to fine-tune. "auto" (the default): every backbone of the run where Keras has
+    a GPU (minutes a backbone there), none on a CPU (hours: it stays opt-in, by name) or with
+    --exclude; "none" or "": none; else the names given."""
+    if requested.strip() == "auto":
+        if not gpu:
+            log.info("fine-tuning: off without a GPU (hours on a CPU); --finetune %s turns it on and "
+                     "says first how long it will take", backbones[0] if backbones else "BACKBONE")
+        return list(backbones) if gpu and not exclude else []
+    return [] if requested.strip() == "none" else _names(requested)
 
 
 def planned_models(backbones: list[Backbone], heads: list[str], weights, imagenet: bool,
@@ -286,11 +340,12 @@ def check_args(args: argparse.Namespace) -> Plan:
     for h in heads:
         if h not in HEADS:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
-    finetune = _names(args.finetune)
+    auto = args.finetune.strip() == "auto"
+    finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
-    if finetune and args.exclude:
+    if finetune and args.exclude and not auto:
         raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
                          "would have to be trained twice)")
     if not args.folds_file and args.folds < 2:
@@ -314,7 +369,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    return Plan(backbones, heads, finetune)
+    return Plan(backbones, heads, finetune, auto)
 
 
 @dataclass
@@ -408,7 +463,8 @@ def run(args: argparse.Namespace) -> dict:
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
     tuned = finetune_all(plan.finetune, Recipe(epochs=args.finetune_epochs, seed=args.seed), photos,
-                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision)
+                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
+                         args.finetune_budget, plan.finetune_auto)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
@@ -452,9 +508,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", default="logistic",
                         help=f"level-1 heads per backbone, comma-separated: {', '.join(HEADS)}")
     parser.add_argument("--no-concat", action="store_true", help="skip the concat-fusion model")
-    parser.add_argument("--finetune", default="",
+    parser.add_argument("--finetune", default="auto",
                         help="comma-separated backbones to fine-tune, one network per fold, as "
-                             "level-1 models <backbone>/finetuned (off by default: hours on a CPU)")
+                             "level-1 models <backbone>/finetuned; auto (default): every backbone "
+                             "where Keras has a GPU, within --finetune-budget, none on a CPU (hours "
+                             "there); none: off")
+    parser.add_argument("--finetune-budget", type=float, default=FINETUNE_MINUTES, metavar="MINUTES",
+                        help="minutes fine-tuning may take in all; with --finetune auto a backbone "
+                             "that would pass it is left out (default: %(default)s)")
     parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
                         help="epochs of whole-network training per fold (default: %(default)s)")
     parser.add_argument("--no-imagenet", action="store_true",

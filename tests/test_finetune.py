@@ -156,7 +156,7 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
     args = args_for(root, "plain")
     args = args[:args.index("--finetune")]
     args[args.index("--out") + 1] = str(tmp_path / "plain")
-    assert run_mod.main(args) == 0
+    assert run_mod.main(args) == 0  # --finetune auto, the default: off on this CPU
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert FT not in plain["cv"] and plain["finetune_effect"] is None
     for name in effect["stackers"]:
@@ -225,3 +225,41 @@ def test_training_trains(ft_run):
                 convs += 1
                 moved += not np.array_equal(a.get_weights()[0], b.get_weights()[0])
         assert bn > 10 and convs > 10 and moved == convs
+
+
+def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatch, caplog):
+    """--finetune auto (the default): on a GPU (the decision forced here, on a CPU) every backbone
+    of the run is fine-tuned, its time said first from throughput measured here, and one that
+    would pass --finetune-budget is left out with the reason. (On a CPU none is: the run without
+    --finetune in test_report_says_what_fine_tuning_adds.)"""
+    import logging
+
+    from stacking.run import finetune_choice
+
+    assert finetune_choice("auto", ["a", "b"], gpu=True, exclude=False) == ["a", "b"]
+    assert finetune_choice("auto", ["a", "b"], gpu=False, exclude=False) == []
+    assert finetune_choice("auto", ["a", "b"], gpu=True, exclude=True) == []
+    assert finetune_choice("none", ["a"], gpu=True, exclude=False) == []
+    assert finetune_choice("b,c", ["a"], gpu=False, exclude=False) == ["b", "c"]
+    monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
+    root, _ = ft_run
+    base = ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
+            "--cache", str(root / "cache")]
+
+    def cv(out):
+        return json.loads((tmp_path / out / "report.json").read_text())["cv"]
+
+    monkeypatch.setattr(run_mod, "has_gpu", lambda: True)
+    # The fold networks of this recipe are kept from ft_run's training: reused, nothing to time.
+    assert run_mod.main([*base, "--out", str(tmp_path / "gpu"), "--finetune-epochs", "2"]) == 0
+    assert FT in cv("gpu")
+    # Three epochs: not kept, so measured and estimated; over a tiny budget, left out.
+    caplog.clear()
+    assert run_mod.main([*base, "--out", str(tmp_path / "tight"), "--finetune-epochs", "3",
+                         "--finetune-budget", "0.01"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    estimate = next(m for m in said if m.startswith("efficientnet_lite0 fine-tuning: 2 fold(s) x 3 epoch(s)"))
+    assert "photos/s" in estimate and "measured here" in estimate and "about" in estimate
+    assert any(m.startswith("efficientnet_lite0 fine-tuning left out") and "0.01-min budget" in m
+               for m in said), said
+    assert FT not in cv("tight")
