@@ -1739,8 +1739,13 @@ def _chunks(photos: list[Photo], size: int) -> list[list[Photo]]:
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
-    """A tqdm bar: live on a terminal, a line every 10 s in a log (a Kaggle notebook's output)."""
-    from tqdm.auto import tqdm
+    """A tqdm bar: live on a terminal, a widget in a notebook that has ipywidgets (Kaggle's),
+    a line every 10 s in a log or a notebook without them (tqdm.auto would warn there)."""
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0,
                 mininterval=0.5 if sys.stderr.isatty() else 10, smoothing=0.1)
