@@ -3551,7 +3551,9 @@ class TrainingRows:
 
 
 def training_rows(photos: PhotoSet, loaded: dict, holdout: float, seed: int) -> TrainingRows:
-    """The rows every model trains on: readable by every backbone, not held out."""
+    """The rows every model trains on: readable by every backbone, not held out. (The cache holds
+    every training photo; the holdout is a selection of rows, so changing --holdout never
+    invalidates the features.)"""
     held_out = holdout_ids(photos, holdout, seed)
     held = [p for p in photos.train if p.id in held_out]
     readable = set.intersection(*(set(f.train_ids) for f in loaded.values()))
