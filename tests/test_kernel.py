@@ -4,7 +4,6 @@ file; no onnxruntime, tf2onnx or simplejpeg, weights in an attached dataset, and
 TensorFlow's C++ start-up lines in what the user reads."""
 
 import ast
-import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pandas as pd
 
 from features.registry import get_backbone
 from tests.conftest import WEIGHTS, make_kaggle_dir
-from tools.build_kernel import OURS, REPO, build
+from tools.build_kernel import OURS, REPO, build, edit_settings
 
 # Not on a Kaggle image: the kernel must run with these unimportable.
 NOT_ON_KAGGLE = ("onnxruntime", "tf2onnx", "simplejpeg")
@@ -74,15 +73,6 @@ def check_outputs(work, out, models, n_test, folder="out"):
         assert per_model["id"].tolist() == sub["id"].tolist() and per_model["label"].between(0, 1).all()
 
 
-def edited(source: str, **settings) -> str:
-    """kernel.py with its settings block edited as a user edits it: each NAME = value line."""
-    for name, value in settings.items():
-        line = re.search(rf"^{name} = .*$", source, re.M)
-        assert line, f"no setting {name} in kernel.py"
-        source = source[:line.start()] + f"{name} = {value!r}" + source[line.end():]
-    return source
-
-
 def run_notebook(work, cells: list[str]):
     """Execute the cells in a real Jupyter kernel (ipykernel), as Kaggle's notebook editor does;
     returns the executed notebook. A cell that raises fails the test with its output."""
@@ -111,7 +101,7 @@ def test_kernel_runs_in_a_notebook_pasted_and_with_percent_run(tmp_path):
     work = tmp_path / "notebook"
     work.mkdir()
     shutil.copy(REPO / "kernel.py", work / "kernel.py")
-    source = edited((REPO / "kernel.py").read_text(), DATA=str(competition), WEIGHTS_DIR=str(WEIGHTS),
+    source = edit_settings((REPO / "kernel.py").read_text(), DATA=str(competition), WEIGHTS_DIR=str(WEIGHTS),
                     OUT=str(work / "out"), BACKBONES="efficientnet_lite0,efficientnet_lite2", FOLDS=2,
                     FINETUNE="efficientnet_lite0", FINETUNE_EPOCHS=1)
     blocked = ", ".join(f"{m}=None" for m in (*OURS, "tools", *NOT_ON_KAGGLE))

@@ -126,6 +126,16 @@ def build() -> str:
     return text
 
 
+def edit_settings(source: str, **settings) -> str:
+    """kernel.py with its settings edited as a user edits them: each ``NAME = value`` line."""
+    for name, value in settings.items():
+        line = re.search(rf"^{name} = .*$", source, re.M)
+        if not line:
+            raise KeyError(f"no setting {name} in kernel.py")
+        source = source[:line.start()] + f"{name} = {value!r}" + source[line.end():]
+    return source
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if kernel.py differs from a fresh build")

@@ -3,14 +3,17 @@
     python tools/kaggle_compat.py --tensorflow 2.18.1 --keras 3.8.0      # the oldest we support
     python tools/kaggle_compat.py --tensorflow 2.21.0 --keras 3.15.1     # the newest
     python tools/kaggle_compat.py ... [--train 200 --test 100] [--python python3.12] [--record FILE]
+    python tools/kaggle_compat.py ... --notebook     # pasted as one cell in a real Jupyter kernel
 
 A Kaggle notebook has Keras 3 on TensorFlow 2.18-2.21 and Python 3.12, and no onnxruntime,
 tf2onnx or simplejpeg. This makes (or reuses) a virtual environment with exactly the pinned
 TensorFlow and Keras and the kernel's other imports, checks that those three packages are absent,
 lays the shared photos out as Kaggle does (the competition's train.zip / test.zip, the weights as
 an attached dataset, all under one input folder), copies kernel.py alone into an empty notebook
-folder, runs it, and reports versions, time, extraction speed and every model's CV log loss as
-Markdown for benchmarks/RESULTS.md. Exit status: the kernel's.
+folder, runs it (``--notebook``: its source, settings edited, as the one cell of a notebook
+executed by nbclient in an ipykernel of that environment, as Kaggle's editor runs it), and
+reports versions, time, extraction speed and every model's CV log loss as Markdown for
+benchmarks/RESULTS.md. Exit status: the kernel's.
 """
 
 from __future__ import annotations
@@ -30,11 +33,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from features.defaults import KAGGLE_COMPETITION, shared_dir  # noqa: E402
+from tools.build_kernel import edit_settings  # noqa: E402
 
 # What kernel.py imports besides TensorFlow and Keras; all on Kaggle's image.
 KERNEL_PACKAGES = ("numpy", "pandas", "scikit-learn", "lightgbm", "h5py", "opencv-python-headless",
                    "pillow", "matplotlib", "tqdm", "joblib")
 NOT_ON_KAGGLE = ("onnxruntime", "tf2onnx", "simplejpeg")
+# A notebook kernel and the client that runs it (Kaggle's image has a Jupyter kernel).
+NOTEBOOK_PACKAGES = ("ipykernel", "nbclient", "nbformat")
+# Run by the environment's python: the kernel source as one cell, its outputs passed on.
+NOTEBOOK_DRIVER = """
+import sys, nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_code_cell(open("cell.py").read())]
+try:
+    NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
+    code = 0
+except CellExecutionError:
+    code = 1
+for o in nb.cells[0].outputs:
+    text = o.get("text") or "".join(o.get("traceback", []))
+    (sys.stderr if o.get("name") == "stderr" or o.get("output_type") == "error" else sys.stdout).write(text)
+sys.exit(code)
+"""
 # TensorFlow's C++ start-up lines, which the kernel should hide (features.runtime.NATIVE_STARTUP).
 STARTUP_LINE = r"cuInit|Unable to register cu|absl::InitializeLog|cudart_stub|cpu_feature_guard"
 VERSIONS = ("sys", "tensorflow", "keras", "numpy", "sklearn", "lightgbm", "h5py", "cv2", "PIL")
@@ -52,16 +75,19 @@ def find_python(name: str) -> str:
     raise SystemExit(f"kaggle_compat: no {name} interpreter found (install it, or pass --python)")
 
 
-def make_venv(folder: Path, python: str, tensorflow: str, keras: str) -> Path:
-    """A virtual environment with the pinned versions and the kernel's imports, reused if made."""
+def make_venv(folder: Path, python: str, tensorflow: str, keras: str, notebook: bool = False) -> Path:
+    """A virtual environment with the pinned versions and the kernel's imports (and a notebook
+    kernel), reused if made."""
     exe = folder / "bin" / "python"
     stamp = folder / "gapstack-compat.json"
-    want = {"tensorflow": tensorflow, "keras": keras, "packages": list(KERNEL_PACKAGES)}
+    packages = list(KERNEL_PACKAGES) + (list(NOTEBOOK_PACKAGES) if notebook else [])
+    want = {"tensorflow": tensorflow, "keras": keras, "packages": packages}
     if not (stamp.exists() and json.loads(stamp.read_text()) == want):
-        shutil.rmtree(folder, ignore_errors=True)
-        subprocess.run([python, "-m", "venv", str(folder)], check=True)
+        if not (exe.exists() and stamp.exists()):
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.run([python, "-m", "venv", str(folder)], check=True)
         subprocess.run([str(exe), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        f"tensorflow=={tensorflow}", f"keras=={keras}", *KERNEL_PACKAGES], check=True)
+                        f"tensorflow=={tensorflow}", f"keras=={keras}", *packages], check=True)
         stamp.write_text(json.dumps(want))
     present = subprocess.run([str(exe), "-c", "import importlib.util as u; print([m for m in "
                               f"{list(NOT_ON_KAGGLE)} if u.find_spec(m)])"],
@@ -116,13 +142,15 @@ def main() -> int:
     parser.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--record", default=None, help="append the result as one JSON line to this file")
+    parser.add_argument("--notebook", action="store_true",
+                        help="run kernel.py pasted as the one cell of a notebook in a real Jupyter kernel")
     args = parser.parse_args()
 
     import tempfile
 
     python = find_python(args.python)
     exe = make_venv(Path(args.venvs) / f"tf{args.tensorflow}-keras{args.keras}", python,
-                    args.tensorflow, args.keras)
+                    args.tensorflow, args.keras, args.notebook)
     info = versions(exe)
     work = Path(args.work or tempfile.mkdtemp(prefix="gapstack-compat-"))
     root = kaggle_input(work, Path(args.photos), Path(args.weights), args.train, args.test)
@@ -131,9 +159,15 @@ def main() -> int:
     notebook.mkdir()
     shutil.copy(REPO / "kernel.py", notebook / "kernel.py")
     started = time.time()
-    out = subprocess.run([str(exe), "kernel.py", "--input", str(root), "--out", str(notebook / "out"),
-                          "--backbones", args.backbones, "--folds", str(args.folds)],
-                         cwd=notebook, capture_output=True, text=True)
+    if args.notebook:
+        (notebook / "cell.py").write_text(edit_settings(
+            (REPO / "kernel.py").read_text(), INPUT=str(root), OUT=str(notebook / "out"),
+            BACKBONES=args.backbones, FOLDS=args.folds))
+        command = [str(exe), "-c", NOTEBOOK_DRIVER]
+    else:
+        command = [str(exe), "kernel.py", "--input", str(root), "--out", str(notebook / "out"),
+                   "--backbones", args.backbones, "--folds", str(args.folds)]
+    out = subprocess.run(command, cwd=notebook, capture_output=True, text=True)
     seconds = time.time() - started
     (work / "kernel.log").write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
     result = {"date": time.strftime("%Y-%m-%d"), "versions": info, "returncode": out.returncode,
@@ -154,7 +188,8 @@ def main() -> int:
         result.update(n_train=report["n_train"], n_test=report["n_test"], submit_with=report["submit_with"],
                       cv={m: round(s["log_loss"], 4) for m, s in report["cv"].items()}, extraction=speed,
                       tensorflow_startup_lines_shown=len(startup))
-    print(f"\n### kernel.py on TensorFlow {info['tensorflow']} / Keras {info['keras']} "
+    how = "pasted as a notebook cell" if args.notebook else "as a file"
+    print(f"\n### kernel.py ({how}) on TensorFlow {info['tensorflow']} / Keras {info['keras']} "
           f"(Python {info['sys']}, no {', '.join(NOT_ON_KAGGLE)})\n")
     print(f"exit {out.returncode}, {seconds:.0f} s for the whole kernel; log: {work / 'kernel.log'}")
     if not out.returncode:
