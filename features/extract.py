@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 import time
@@ -134,10 +135,9 @@ def _chunks(photos: list[Photo], size: int) -> list[list[Photo]]:
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
     """A tqdm bar: live on a terminal, a widget in a notebook that has ipywidgets (Kaggle's),
     a line every 10 s in a log or a notebook without them (tqdm.auto would warn there)."""
-    try:
-        import ipywidgets  # noqa: F401
+    if importlib.util.find_spec("ipywidgets"):
         from tqdm.auto import tqdm
-    except ImportError:
+    else:
         from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0,
