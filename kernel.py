@@ -2591,8 +2591,9 @@ def batches(source: PhotoBatches, workers: int):
 
 
 def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None):
-    """(training model: pixels -> P(dog), feature-map model inside it). BatchNormalization
-    frozen as the recipe says; ``head``: (kernel, bias) to start the Dense from."""
+    """(training model: pixels -> P(dog), compiled with the recipe's optimizer and loss;
+    feature-map model inside it). BatchNormalization frozen as the recipe says; ``head``:
+    (kernel, bias) to start the Dense from."""
     import keras
 
     fmap = build_feature_map_model(backbone, weights)
@@ -2607,7 +2608,9 @@ def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | Non
     if head is not None:
         dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1),
                            np.asarray([head[1]], np.float32)])
-    return keras.Model(fmap.input, p, name=f"{backbone.name}_finetune"), fmap
+    model = keras.Model(fmap.input, p, name=f"{backbone.name}_finetune")
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    return model, fmap
 
 
 def _all_layers(model):
@@ -2669,7 +2672,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
         held = fold == k
         done = work / f"fold{k}"
         held_photos = [p for p, h in zip(train, held) if h]
-        if (done / "fold.json").is_file():
+        if is_kept(done):
             log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
         else:
             started = time.perf_counter()
@@ -2687,6 +2690,11 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     return FinetuneResult(oof, networks, features, seconds)
 
 
+def is_kept(done: Path) -> bool:
+    """A fold folder whose training finished (its record is written last, atomically)."""
+    return (done / "fold.json").is_file()
+
+
 def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe: Recipe = Recipe(),
                   steps: int = 3) -> float:
     """Photos per second of whole-network training on this machine, measured: a throwaway copy
@@ -2699,7 +2707,6 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
     labels = np.array([p.label for p in batch], np.float32)
     model, _ = build_network(backbone, resolve_weights(backbone, weights), recipe)
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
     times = []
     for _ in range(max(2, steps)):
         started = time.perf_counter()
@@ -2726,7 +2733,6 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
 
     keras.utils.set_random_seed(recipe.seed + int(k))
     model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k))
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
     log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
@@ -2743,7 +2749,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     # Predict through the saved file, exactly as stacking.predict will.
     entry = _entry(backbone, tmp / "network.keras", k)
     gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
-    np.savez(tmp / "features.npz", ids=np.array([p.id for p in predict], dtype=str), gap=gap)
+    _save_features(tmp, [p.id for p in predict], gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
             "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
@@ -2810,9 +2816,14 @@ def _predict_missing(net: FoldNetwork, feats: dict[str, np.ndarray], photos: lis
              net.entry.name, len(missing))
     gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
     feats.update(zip([p.id for p in missing], gap))
-    tmp = done / "features.tmp.npz"
-    np.savez(tmp, ids=np.array(list(feats), dtype=str), gap=np.stack(list(feats.values())))
-    tmp.replace(done / "features.npz")
+    _save_features(done, list(feats), np.stack(list(feats.values())))
+
+
+def _save_features(folder: Path, ids: list[str], gap: np.ndarray) -> None:
+    """A fold network's GAP rows by photo id, ``folder/features.npz`` (replaced atomically)."""
+    tmp = folder / "features.tmp.npz"
+    np.savez(tmp, ids=np.array(ids, dtype=str), gap=gap)
+    tmp.replace(folder / "features.npz")
 
 
 def fold_stats(work: Path) -> list[dict]:
@@ -3680,7 +3691,7 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
     extraction speed from its cache (three times training's where the cache does not say)."""
     folds = np.unique(data.fold)
-    left = [k for k in folds if not (work / f"fold{k}" / "fold.json").is_file()]
+    left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)

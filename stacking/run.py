@@ -35,7 +35,7 @@ from oof.crossfit import TEST_MODES, cross_fit
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
-from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats,
+from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats, is_kept,
                           training_rate, work_folder)
 from stacking.ensemble import CONCAT, PRIOR, Ensemble, fit_ensemble
 from stacking.report import choose_model, write_report
@@ -277,7 +277,7 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
     extraction speed from its cache (three times training's where the cache does not say)."""
     folds = np.unique(data.fold)
-    left = [k for k in folds if not (work / f"fold{k}" / "fold.json").is_file()]
+    left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)
