@@ -19,6 +19,7 @@ FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: 
 FINETUNE_BUDGET = None  # minutes fine-tuning may take (None: stacking.run's); auto keeps within it
 
 import argparse
+import contextlib
 import copy
 import cv2
 import fcntl
@@ -995,9 +996,10 @@ FEATURE_FORMAT = 1
 # Recipe keys: a cache is reused only if all of them match the request.
 RECIPE_KEYS = ("feature_format", "backbone", "constructor", "weights_id", "input_size",
                "preprocess", "resize", "feature_dim", "fast_decode", "tta", "precision",
-               "data_fingerprint")
+               "quantization", "data_fingerprint")
 # What a cache made before a key existed was made with (so adding a key does not make it stale).
-RECIPE_DEFAULTS = {"precision": "float32"}
+RECIPE_DEFAULTS = {"precision": "float32", "quantization": "none"}
+INT8_GRAPH = "int8_graph"  # dataset: the quantized ONNX graph that made an int8 cache's features
 
 
 class StaleCacheError(RuntimeError):
@@ -1186,8 +1188,9 @@ def atomic_write(path: Path, write) -> None:
 
 
 def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[str, int],
-             feature_dim: int, attrs: dict) -> None:
-    """Write the final HDF5 cache from the journal's chunks, atomically."""
+             feature_dim: int, attrs: dict, int8_graph: bytes | None = None) -> None:
+    """Write the final HDF5 cache from the journal's chunks, atomically (with the int8 graph that
+    made the features, if it was one)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     str_dt = h5py.string_dtype()
     failed = []
@@ -1216,9 +1219,20 @@ def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[
                 f.create_dataset("test_ok", data=np.array(ok_out, dtype=bool))
         for name, col in (("failed_split", 0), ("failed_id", 1), ("failed_reason", 2)):
             f.create_dataset(name, data=np.array([r[col] for r in failed], dtype=object), dtype=str_dt)
+        if int8_graph is not None:
+            f.create_dataset(INT8_GRAPH, data=np.frombuffer(int8_graph, dtype=np.uint8))
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value)
     os.replace(tmp, path)
+
+
+def read_int8_graph(path: str | Path) -> bytes:
+    """The quantized graph an int8 cache was made with."""
+    with h5py.File(path, "r") as f:
+        if INT8_GRAPH not in f:
+            raise ValueError(f"{path}: this cache has no int8 graph; its features were made in "
+                             f"{_decode_attrs(f).get('precision', 'float32')}")
+        return f[INT8_GRAPH][:].tobytes()
 
 
 # ==================== features/shards.py ====================
@@ -1334,20 +1348,26 @@ class OnnxForward:
 
     name = "onnxruntime"
 
-    def __init__(self, model, threads: int | None = None, cache: Path | None = None, streams: int = 1):
-        """``cache``: folder of converted graphs (default ``ONNX_CACHE``)."""
+    def __init__(self, model, threads: int | None = None, cache: Path | None = None, streams: int = 1,
+                 graph: bytes | None = None):
+        """``cache``: folder of converted graphs (default ``ONNX_CACHE``). ``graph``: run this ONNX
+        graph instead of converting ``model`` (an int8 one, ``features.quantize``; ``path`` is None)."""
         if streams < 1:
             raise ValueError("streams must be at least 1")
         self.streams = streams
         self.threads = threads or max(1, (os.cpu_count() or 1) // streams)
-        self.path = path = onnx_cache_path(model, cache)
-        try:
-            graph = cached_onnx(model, path)
+        self.path = path = None if graph is not None else onnx_cache_path(model, cache)
+        if graph is not None:
             first = self._session(graph)
-        except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
-            path.unlink(missing_ok=True)
-            graph = cached_onnx(model, path)
-            first = self._session(graph)
+        else:
+            try:
+                graph = cached_onnx(model, path)
+                first = self._session(graph)
+            except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
+                path.unlink(missing_ok=True)
+                graph = cached_onnx(model, path)
+                first = self._session(graph)
+        self.graph = graph
         self.graph_md5 = hashlib.md5(graph).hexdigest()
         self.sessions: queue.SimpleQueue = queue.SimpleQueue()
         for session in [first] + [self._session(graph) for _ in range(streams - 1)]:
@@ -1496,7 +1516,8 @@ def accelerators() -> tuple[str, ...]:
     return found
 
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# The Keras dtype policies, and int8 (ONNX Runtime on a CPU, ``features.quantize``).
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16", "int8")
 # Tensor cores (float16 matrix units) start at compute capability 7.0: T4 7.5, V100 7.0; P100
 # (6.0) runs float16 no faster than float32 in practice. benchmarks/RESULTS.md: float16 features
 # move every model's CV log loss far less than the fold seed does.
@@ -1513,15 +1534,42 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
     return [tuple(d.get("compute_capability") or (0, 0)) for d in details]
 
 
-def choose_precision(requested: str = "auto") -> str:
-    """The Keras dtype policy extraction runs in. "auto": mixed_float16 where every GPU has tensor
-    cores, else float32 (CPUs and older GPUs: float16 and bfloat16 are slower there, measured)."""
+# int8 features (``features.quantize``) where the CPU multiplies int8 in hardware.
+INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
+# "auto" may pick int8: on the 9,619 shared photos every model's CV log loss stayed within the fold
+# seed's noise with int8 features (benchmarks/RESULTS.md, "int8 features").
+INT8_BY_DEFAULT = True
+# ... from this many photos: calibrating costs 13-23 s a backbone (once per machine), which int8's
+# faster extraction wins back from about 2,800 photos (Lite1) to 4,600 (Lite0), measured here.
+INT8_MIN_PHOTOS = 5_000
+
+
+def int8_dot_product() -> bool:
+    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in INT8_DOT_PRODUCT)
+
+
+def choose_precision(requested: str = "auto", photos: int | None = None, runtime: str = "auto") -> str:
+    """The precision extraction runs in. "auto": mixed_float16 where every GPU has tensor cores;
+    on a CPU, int8 for ``photos`` enough to pay for its calibration (``INT8_MIN_PHOTOS``) where
+    the CPU has int8 instructions and ONNX Runtime runs; else float32 (float16 and bfloat16 are
+    slower on CPUs and older GPUs, measured)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
     if requested != "auto":
         return requested
     capabilities = gpu_compute_capabilities()
-    return "mixed_float16" if capabilities and min(capabilities) >= TENSOR_CORES else "float32"
+    if capabilities:
+        return "mixed_float16" if min(capabilities) >= TENSOR_CORES else "float32"
+    if (INT8_BY_DEFAULT and runtime != "keras" and (photos or 0) >= INT8_MIN_PHOTOS
+            and int8_dot_product() and onnx_available()):
+        return "int8"
+    return "float32"
 
 
 def has_gpu() -> bool:
@@ -1643,6 +1691,114 @@ def checked_difference(fast: OnnxForward, reference: KerasForward, shape: tuple)
     return diff
 
 
+# ==================== features/quantize.py ====================
+# int8 features: the float32 ONNX graph quantized statically with ONNX Runtime, for CPUs with int8
+
+# How the int8 graph is made; part of the feature cache's recipe (``describe``).
+INT8 = {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8",
+        "calibration": "percentile", "percentile": 99.99, "photos": 32, "seed": SEED,
+        "collected": "photo by photo"}
+# The EfficientNet-Lite backbones' int8 features agree with float32 at cosine 0.990-0.995 on their
+# calibration photos, and their CV holds; a backbone under this is said to be worth checking.
+INT8_MIN_COSINE = 0.98
+# Photos per calibration call: ONNX Runtime's collector stacks its batches, so they must all be
+# the same size. Its histograms are collected photo by photo ("CalibStridedMinMax" 1, which serves
+# every calibrator): all photos at once held every intermediate tensor of all 32 photos, 3 GB
+# for Lite0, three times what extraction needs.
+CALIBRATION_BATCH = 1
+
+
+def describe(settings: dict = INT8) -> str:
+    """The settings in one line (the cache recipe's ``quantization`` entry)."""
+    return (f"{settings['format']}, {settings['weights']} weights, {settings['activations']} activations, "
+            f"{settings['calibration']} {settings['percentile']} ranges from at most {settings['photos']} "
+            f"training photos (seed {settings['seed']}), collected {settings['collected']}")
+
+
+def calibration_sample(train: list, settings: dict = INT8) -> list:
+    """The calibration photos: ``settings['photos']`` training photos drawn with the seed from the
+    photos sorted by id, so the same photos give the same sample in any order."""
+    if not train:
+        raise ValueError("int8 quantization is calibrated on training photos, and there are none")
+    ordered = sorted(train, key=lambda p: p.id)
+    pick = np.random.default_rng(settings["seed"]).choice(len(ordered), min(settings["photos"], len(ordered)),
+                                                          replace=False)
+    return [ordered[i] for i in sorted(pick)]
+
+
+def quantize(float_graph: bytes, pixels: np.ndarray, settings: dict = INT8) -> bytes:
+    """The int8 graph of ``float_graph`` (input "pixels"), calibrated on ``pixels``."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        """The photos one batch at a time, over the range ONNX Runtime sets (``set_range``)."""
+
+        def __init__(self):
+            self.set_range(0, len(pixels))
+
+        def __len__(self):
+            return len(pixels)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.left = iter(range(start_index, end_index, CALIBRATION_BATCH))
+
+        def get_next(self):
+            start = next(self.left, None)
+            return None if start is None else {"pixels": pixels[start:start + CALIBRATION_BATCH]}
+
+    # ONNX Runtime prints its calibration's progress to stdout: kept out of our output.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        src, pre, out = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(float_graph)
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": settings["percentile"],
+                                       "CalibStridedMinMax": CALIBRATION_BATCH})
+        return out.read_bytes()
+
+
+def quantized_path(float_graph: bytes, pixels: np.ndarray, settings: dict = INT8,
+                   folder: Path | None = None) -> Path:
+    """Where the int8 graph of these inputs is cached: any change to one of them is another file."""
+    import onnxruntime as ort
+
+    digest = hashlib.md5(float_graph)
+    digest.update(np.ascontiguousarray(pixels, np.float32).tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode() + ort.__version__.encode())
+    return Path(folder or ONNX_CACHE) / f"int8-{digest.hexdigest()}.onnx"
+
+
+def load_quantized(path: Path) -> tuple[bytes, dict] | None:
+    """A cached int8 graph and its agreement with float32 (``save_quantized``), or None."""
+    try:
+        return path.read_bytes(), json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_quantized(path: Path, graph: bytes, agreed: dict) -> None:
+    """Keep an int8 graph for the next run (calibration takes 13-23 s a backbone here); an
+    unwritable cache only costs calibrating again."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(agreed).encode()))
+        atomic_write(path, lambda f: f.write(graph))
+    except OSError as exc:
+        log.info("could not keep the int8 graph in %s (%s)", path.parent, exc)
+
+
+def agreement(int8: np.ndarray, reference: np.ndarray) -> dict:
+    """How far int8 features are from float32 ones: mean cosine and largest relative difference."""
+    cosine = np.sum(int8 * reference, 1) / np.maximum(
+        np.linalg.norm(int8, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+    return {"cosine": round(float(cosine.mean()), 5),
+            "max_rel_diff": round(float(np.abs(int8 - reference).max() / max(np.abs(reference).max(), 1e-12)), 4)}
+
+
 # ==================== features/extract.py ====================
 # Streaming GAP feature extraction into the HDF5 cache.
 
@@ -1668,8 +1824,57 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
         "fast_decode": fast_decode,
         "tta": "flip" if tta else "none",
         "precision": precision,
+        "quantization": describe(INT8) if precision == "int8" else "none",
         "data_fingerprint": photos.fingerprint(),
     }
+
+
+def settled_precision(requested: str, chosen: str, path: Path, recipe_in) -> str:
+    """The precision to extract in: ``chosen``, except that "auto" takes a cache already made in
+    float32 (before "auto" chose otherwise here, or on another machine) as it is, rather than
+    refusing it as stale. ``recipe_in(precision)``: the recipe asked for in that precision."""
+    if requested != "auto" or chosen == "float32" or not path.exists():
+        return chosen
+    try:
+        stored = read_attrs(path)
+    except OSError:
+        return chosen
+    return "float32" if not recipe_differences(stored, recipe_in("float32")) else chosen
+
+
+def check_precision(precision: str, runtime: str, engine: str = "local") -> None:
+    """int8 runs on ONNX Runtime on a CPU only: say so before any work, naming what is missing."""
+    if precision != "int8":
+        return
+    if runtime == "keras" or engine == "ray":
+        raise ValueError(f"--precision int8 runs on ONNX Runtime, not with "
+                         f"{'--runtime keras' if runtime == 'keras' else '--engine ray'}")
+    if not onnx_available():
+        raise ValueError("--precision int8 needs ONNX Runtime on a CPU: the TensorFlow backend, no GPU, and "
+                         "the onnxruntime and tf2onnx packages (pip install onnxruntime tf2onnx)")
+
+
+def quantized_graph(backbone: Backbone, resolved, train: list[Photo]) -> tuple[bytes, dict]:
+    """The backbone's int8 GAP graph, calibrated on training photos (``features.quantize``), and
+    how its features agree with float32 on those photos; made once per machine."""
+    model = build_gap_model(backbone, resolved)
+    float_graph = cached_onnx(model, onnx_cache_path(model))
+    pixels, reasons = load_batch(PhotoReader(), calibration_sample(train), backbone, False)
+    pixels = pixels[np.array([not r for r in reasons])]  # an unreadable photo is no calibration
+    path = quantized_path(float_graph, pixels)
+    graph, agreed = load_quantized(path) or (None, None)
+    if graph is None:
+        float_run = make_forward(model, "onnx", streams=1)  # raises if it differs from Keras
+        log.info("%s: quantizing to int8, calibrated on %d training photos (once; kept in %s)",
+                 backbone.name, len(pixels), path.parent)
+        graph = quantize(float_graph, pixels)
+        agreed = agreement(OnnxForward(None, graph=graph)(pixels), float_run(pixels))
+        save_quantized(path, graph, agreed)
+    log.log(logging.INFO if agreed["cosine"] >= INT8_MIN_COSINE else logging.WARNING,
+            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s",
+            backbone.name, len(pixels), agreed["cosine"], "" if agreed["cosine"] >= INT8_MIN_COSINE else
+            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32")
+    return graph, agreed
 
 
 class DecodedPhotos:
@@ -1770,7 +1975,8 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
-    ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
+    ``precision``: a Keras dtype policy for the forward pass, or "int8" (ONNX Runtime on a CPU,
+    calibrated on training photos: ``quantized_graph``); "auto": ``choose_precision``.
     ``imagenet``: also cache the backbone's ImageNet class logits where its top is at hand
     (``add_top``; not for a shard: the merged cache gets them on its first use).
     """
@@ -1780,11 +1986,19 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
-    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision)
+    requested = precision
+    # A shard never gets int8 by "auto" (each shard would calibrate its own graph).
+    n_photos = 0 if shard is not None else len(photos.train) + len(photos.test)
+    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision, n_photos, runtime)
     if engine == "ray" and precision != "float32":
         raise ValueError("--engine ray extracts in float32 only")
-    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
+    check_precision(precision, runtime, engine)
+    if shard is not None and precision == "int8":
+        raise ValueError("--shard extracts in float32 only (each shard would calibrate its own int8 graph)")
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
+    recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, fast_decode, tta)
+    precision = settled_precision(requested, precision, path, recipe_in)
+    recipe = recipe_in(precision)
     if not _reusable(path, recipe, overwrite):
         path.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(path, log):
@@ -1848,6 +2062,7 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     run = {"runtime": "none (all chunks journalled)"}
+    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
@@ -1855,21 +2070,23 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
                                       tta, progress, runtime, ray_address)}
         else:
             run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                       progress, runtime, precision)
-    attrs = _attrs(recipe, resolved, run, photos, backbone)
+                       progress, runtime, precision, graph)
+    attrs = _attrs(recipe, resolved, run, photos, backbone, agreed)
     labels = {p.id: p.label for p in photos.train}
     if shard is None:
-        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs)
+        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs, graph)
     else:
         write_shard(path, journal, tasks, labels,
                     dict(attrs, shard=list(shard), chunk_size=chunk_size, chunks=chunks, engine=engine))
     journal.remove()
 
 
-def _attrs(recipe: dict, resolved, run: dict, photos: PhotoSet, backbone: Backbone) -> dict:
+def _attrs(recipe: dict, resolved, run: dict, photos: PhotoSet, backbone: Backbone,
+           int8_agreement: dict | None = None) -> dict:
     """The cache's attributes: the recipe, and how this run made it."""
     run = dict(run)
-    return dict(recipe, gapstack_version=__version__, weights=str(resolved),
+    extra = {"int8_agreement": int8_agreement} if int8_agreement else {}
+    return dict(recipe, **extra, gapstack_version=__version__, weights=str(resolved),
                 keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
                 last_run=run,
                 n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
@@ -1891,12 +2108,15 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
     Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
     makes (tested). Returns {backbone name: path}."""
     entries = []
+    chosen = choose_precision(precision, len(photos.train) + len(photos.test), runtime)
     for b in backbones:
         backbone = get_backbone(b) if isinstance(b, str) else b
         resolved = resolve_weights(backbone, weights)
-        recipe = make_recipe(backbone, weights_identity(resolved), photos, False, tta,
-                             choose_precision(precision))
-        entries.append((backbone, resolved, recipe, cache_path(cache_dir, backbone.name)))
+        path = cache_path(cache_dir, backbone.name)
+        recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, False, tta)
+        recipe = recipe_in(settled_precision(precision, chosen, path, recipe_in))
+        entries.append((backbone, resolved, recipe, path))
+    check_precision(chosen, runtime)
     todo = [e for e in entries if not _reusable(e[3], e[2], overwrite)]
     if len(todo) > 1:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -1919,8 +2139,11 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
     every = plan_chunks(photos, chunk_size)
     journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe)
                 for b, _, recipe, path in todo}
+    int8 = {b.name: quantized_graph(b, resolved, photos.train) if recipe["precision"] == "int8" else (None, None)
+            for b, resolved, recipe, _ in todo}
     extractors = {b.name: Extractor(b, resolved, runtime, batch_size, workers, False, tta,
-                                    precision=recipe["precision"]) for b, resolved, recipe, _ in todo}
+                                    precision=recipe["precision"], graph=int8[b.name][0])
+                  for b, resolved, recipe, _ in todo}
     needs = [(split, k, chunk, [n for n in extractors if not journals[n].has(split, k)])
              for split, k, chunk in every]
     needs = [t for t in needs if t[3]]
@@ -1956,7 +2179,7 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
                  done[backbone.name] / max(seconds[backbone.name], 1e-9), ex.run.name, ex.precision,
                  "+".join(extractors))
         assemble(path, journals[backbone.name], _chunk_counts(every), labels, backbone.feature_dim,
-                 _attrs(recipe, resolved, run, photos, backbone))
+                 _attrs(recipe, resolved, run, photos, backbone, int8[backbone.name][1]), int8[backbone.name][0])
         journals[backbone.name].remove()
 
 
@@ -1966,22 +2189,29 @@ class Extractor:
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
                  tta: bool = False, model=None, streams: int | None = None,
-                 devices: list[str] | None = None, precision: str = "float32"):
+                 devices: list[str] | None = None, precision: str = "float32", graph: bytes | None = None):
         """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
         ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
         throughput; 1: one pass on every core, the lowest latency for a single photo).
         ``devices``: one model replica per device (default: every GPU when there are several).
         ``precision``: Keras dtype policy of the GAP model (not float32: Keras runs it, since the
-        ONNX Runtime path is checked against float32 Keras)."""
+        ONNX Runtime path is checked against float32 Keras), or "int8": ONNX Runtime runs
+        ``graph``, the backbone's quantized graph (``quantized_graph``)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
-        if precision != "float32" and runtime != "keras":
-            if runtime == "onnx":
-                raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
-            runtime = "keras"
         self.precision = precision
-        self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
+        if precision == "int8":
+            if graph is None:
+                raise ValueError(f"{self.backbone.name}: int8 needs its quantized graph")
+            check_precision(precision, runtime)
+            self.run = OnnxForward(None, streams=streams or STREAMS, graph=graph)
+        else:
+            model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
+            if precision != "float32" and runtime != "keras":
+                if runtime == "onnx":
+                    raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
+                runtime = "keras"
+            self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -2045,10 +2275,11 @@ class Extractor:
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
          workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str,
-         precision: str = "float32") -> dict:
+         precision: str = "float32", graph: bytes | None = None) -> dict:
     """Extract the pending chunks into the journal; returns the runtime used and how it went
     (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
-    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision)
+    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision,
+                   graph=graph)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
@@ -3127,12 +3358,20 @@ class Ensemble:
 
     def save(self, folder: str | Path) -> None:
         """``ensemble.joblib`` + ``ensemble.json``; fine-tuned fold networks are copied into
-        ``finetuned/`` and named relative to the folder, so the folder can move."""
+        ``finetuned/``, int8 backbones' quantized graphs into ``int8/``, named relative to the
+        folder, so the folder can move."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         saved = copy.copy(self)
         saved.backbones = []
         for b in self.backbones:
+            if b.get("precision") == "int8":  # the quantized graph that made its features
+                rel = f"int8/{b['name']}.onnx"
+                (folder / "int8").mkdir(exist_ok=True)
+                # From the feature cache; a loaded ensemble saved again has it in its own folder.
+                graph = Path(b["int8_graph"]).read_bytes() if b.get("int8_graph") else read_int8_graph(b["cache"])
+                atomic_write(folder / rel, lambda f: f.write(graph))
+                b = {**b, "int8_graph": rel}
             if b.get("fold_network_of"):
                 rel = f"finetuned/{b['name']}.keras"
                 (folder / "finetuned").mkdir(exist_ok=True)
@@ -3154,6 +3393,8 @@ class Ensemble:
             raise FileNotFoundError(f"{path}: no saved ensemble (made by python -m stacking.run)")
         ens = joblib.load(path)
         for b in ens.backbones:
+            if b.get("int8_graph"):
+                b["int8_graph"] = str(Path(folder).resolve() / b["int8_graph"])
             if b.get("fold_network_of"):
                 b["weights"] = b["entry"]["weights"] = str(Path(folder).resolve() / b["weights"])
         return ens
@@ -3689,14 +3930,16 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
-    extraction speed from its cache (three times training's where the cache does not say)."""
+    extraction speed from its cache where that was float32, as fold networks predict (else three
+    times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)
     run = frozen.attrs.get("last_run") or {}
-    predict_rate = run["photos"] / run["seconds"] if run.get("seconds") else 3 * train_rate
+    same = run.get("seconds") and run.get("precision", "float32") == "float32"
+    predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left))
     log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
@@ -3768,6 +4011,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--folds {args.folds}: out-of-fold predictions need at least 2 folds")
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout {args.holdout}: a fraction of the training photos, 0 <= f < 1")
+    check_precision(choose_precision(args.precision), "auto")
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -3951,8 +4195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode each photo once for all backbones (for a GPU fast enough that "
                              "decoding is the bound; on a CPU it does not help: benchmarks/RESULTS.md)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="Keras dtype policy of extraction (auto: mixed_float16 on GPUs with "
-                             "tensor cores, else float32; benchmarks/RESULTS.md)")
+                        help="how the features are computed: a Keras dtype policy, or int8 (ONNX "
+                             "Runtime on a CPU, calibrated on training photos). auto: mixed_float16 "
+                             "on GPUs with tensor cores; on a CPU, int8 where it pays (see "
+                             "benchmarks/RESULTS.md), else float32")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
     parser.add_argument("--exclude", default=None,

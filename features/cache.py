@@ -40,9 +40,10 @@ FEATURE_FORMAT = 1
 # Recipe keys: a cache is reused only if all of them match the request.
 RECIPE_KEYS = ("feature_format", "backbone", "constructor", "weights_id", "input_size",
                "preprocess", "resize", "feature_dim", "fast_decode", "tta", "precision",
-               "data_fingerprint")
+               "quantization", "data_fingerprint")
 # What a cache made before a key existed was made with (so adding a key does not make it stale).
-RECIPE_DEFAULTS = {"precision": "float32"}
+RECIPE_DEFAULTS = {"precision": "float32", "quantization": "none"}
+INT8_GRAPH = "int8_graph"  # dataset: the quantized ONNX graph that made an int8 cache's features
 
 
 class StaleCacheError(RuntimeError):
@@ -231,8 +232,9 @@ def atomic_write(path: Path, write) -> None:
 
 
 def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[str, int],
-             feature_dim: int, attrs: dict) -> None:
-    """Write the final HDF5 cache from the journal's chunks, atomically."""
+             feature_dim: int, attrs: dict, int8_graph: bytes | None = None) -> None:
+    """Write the final HDF5 cache from the journal's chunks, atomically (with the int8 graph that
+    made the features, if it was one)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     str_dt = h5py.string_dtype()
     failed = []
@@ -261,6 +263,17 @@ def assemble(path: Path, journal: Journal, chunks: dict[str, int], labels: dict[
                 f.create_dataset("test_ok", data=np.array(ok_out, dtype=bool))
         for name, col in (("failed_split", 0), ("failed_id", 1), ("failed_reason", 2)):
             f.create_dataset(name, data=np.array([r[col] for r in failed], dtype=object), dtype=str_dt)
+        if int8_graph is not None:
+            f.create_dataset(INT8_GRAPH, data=np.frombuffer(int8_graph, dtype=np.uint8))
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value)
     os.replace(tmp, path)
+
+
+def read_int8_graph(path: str | Path) -> bytes:
+    """The quantized graph an int8 cache was made with."""
+    with h5py.File(path, "r") as f:
+        if INT8_GRAPH not in f:
+            raise ValueError(f"{path}: this cache has no int8 graph; its features were made in "
+                             f"{_decode_attrs(f).get('precision', 'float32')}")
+        return f[INT8_GRAPH][:].tobytes()

@@ -13,6 +13,7 @@ A photo that cannot be read is reported and recorded, and the run goes on.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import logging
@@ -28,14 +29,18 @@ import numpy as np
 
 from features import __version__
 from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, add_imagenet, assemble,
-                            cache_path, cached_top, check_fresh, extraction_lock)
+                            cache_path, cached_top, check_fresh, extraction_lock, read_attrs,
+                            recipe_differences)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, decode_rgb, load_for_backbone, resize
 from features.imagenet import load_top, top_identity
 from features.models import build_gap_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
-from features.runtime import PRECISIONS, RUNTIMES, accelerators, choose_precision, make_forward
+from features.quantize import (INT8, INT8_MIN_COSINE, agreement, calibration_sample, describe, load_quantized,
+                               quantize, quantized_path, save_quantized)
+from features.runtime import (PRECISIONS, RUNTIMES, OnnxForward, accelerators, cached_onnx, choose_precision,
+                              make_forward, onnx_available, onnx_cache_path)
 from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
@@ -62,8 +67,57 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
         "fast_decode": fast_decode,
         "tta": "flip" if tta else "none",
         "precision": precision,
+        "quantization": describe(INT8) if precision == "int8" else "none",
         "data_fingerprint": photos.fingerprint(),
     }
+
+
+def settled_precision(requested: str, chosen: str, path: Path, recipe_in) -> str:
+    """The precision to extract in: ``chosen``, except that "auto" takes a cache already made in
+    float32 (before "auto" chose otherwise here, or on another machine) as it is, rather than
+    refusing it as stale. ``recipe_in(precision)``: the recipe asked for in that precision."""
+    if requested != "auto" or chosen == "float32" or not path.exists():
+        return chosen
+    try:
+        stored = read_attrs(path)
+    except OSError:
+        return chosen
+    return "float32" if not recipe_differences(stored, recipe_in("float32")) else chosen
+
+
+def check_precision(precision: str, runtime: str, engine: str = "local") -> None:
+    """int8 runs on ONNX Runtime on a CPU only: say so before any work, naming what is missing."""
+    if precision != "int8":
+        return
+    if runtime == "keras" or engine == "ray":
+        raise ValueError(f"--precision int8 runs on ONNX Runtime, not with "
+                         f"{'--runtime keras' if runtime == 'keras' else '--engine ray'}")
+    if not onnx_available():
+        raise ValueError("--precision int8 needs ONNX Runtime on a CPU: the TensorFlow backend, no GPU, and "
+                         "the onnxruntime and tf2onnx packages (pip install onnxruntime tf2onnx)")
+
+
+def quantized_graph(backbone: Backbone, resolved, train: list[Photo]) -> tuple[bytes, dict]:
+    """The backbone's int8 GAP graph, calibrated on training photos (``features.quantize``), and
+    how its features agree with float32 on those photos; made once per machine."""
+    model = build_gap_model(backbone, resolved)
+    float_graph = cached_onnx(model, onnx_cache_path(model))
+    pixels, reasons = load_batch(PhotoReader(), calibration_sample(train), backbone, False)
+    pixels = pixels[np.array([not r for r in reasons])]  # an unreadable photo is no calibration
+    path = quantized_path(float_graph, pixels)
+    graph, agreed = load_quantized(path) or (None, None)
+    if graph is None:
+        float_run = make_forward(model, "onnx", streams=1)  # raises if it differs from Keras
+        log.info("%s: quantizing to int8, calibrated on %d training photos (once; kept in %s)",
+                 backbone.name, len(pixels), path.parent)
+        graph = quantize(float_graph, pixels)
+        agreed = agreement(OnnxForward(None, graph=graph)(pixels), float_run(pixels))
+        save_quantized(path, graph, agreed)
+    log.log(logging.INFO if agreed["cosine"] >= INT8_MIN_COSINE else logging.WARNING,
+            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s",
+            backbone.name, len(pixels), agreed["cosine"], "" if agreed["cosine"] >= INT8_MIN_COSINE else
+            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32")
+    return graph, agreed
 
 
 class DecodedPhotos:
@@ -164,7 +218,8 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     ``features.runtime``); ``batch_size`` None means the runtime's measured best.
     ``shard`` (I, N): only chunks g with g mod N == I, into a shard file for ``features.merge``.
     ``engine``: "local" (threads in this process) or "ray" (a Ray Data pipeline, ``features.ray_engine``).
-    ``precision``: the Keras dtype policy of the forward pass ("auto": ``choose_precision``).
+    ``precision``: a Keras dtype policy for the forward pass, or "int8" (ONNX Runtime on a CPU,
+    calibrated on training photos: ``quantized_graph``); "auto": ``choose_precision``.
     ``imagenet``: also cache the backbone's ImageNet class logits where its top is at hand
     (``add_top``; not for a shard: the merged cache gets them on its first use).
     """
@@ -174,11 +229,19 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
-    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision)
+    requested = precision
+    # A shard never gets int8 by "auto" (each shard would calibrate its own graph).
+    n_photos = 0 if shard is not None else len(photos.train) + len(photos.test)
+    precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision, n_photos, runtime)
     if engine == "ray" and precision != "float32":
         raise ValueError("--engine ray extracts in float32 only")
-    recipe = make_recipe(backbone, weights_identity(resolved), photos, fast_decode, tta, precision)
+    check_precision(precision, runtime, engine)
+    if shard is not None and precision == "int8":
+        raise ValueError("--shard extracts in float32 only (each shard would calibrate its own int8 graph)")
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
+    recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, fast_decode, tta)
+    precision = settled_precision(requested, precision, path, recipe_in)
+    recipe = recipe_in(precision)
     if not _reusable(path, recipe, overwrite):
         path.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(path, log):
@@ -242,6 +305,7 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     run = {"runtime": "none (all chunks journalled)"}
+    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
@@ -249,21 +313,23 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
                                       tta, progress, runtime, ray_address)}
         else:
             run = _run(pending, journal, backbone, resolved, batch_size, workers, fast_decode, tta,
-                       progress, runtime, precision)
-    attrs = _attrs(recipe, resolved, run, photos, backbone)
+                       progress, runtime, precision, graph)
+    attrs = _attrs(recipe, resolved, run, photos, backbone, agreed)
     labels = {p.id: p.label for p in photos.train}
     if shard is None:
-        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs)
+        assemble(path, journal, chunks, labels, backbone.feature_dim, attrs, graph)
     else:
         write_shard(path, journal, tasks, labels,
                     dict(attrs, shard=list(shard), chunk_size=chunk_size, chunks=chunks, engine=engine))
     journal.remove()
 
 
-def _attrs(recipe: dict, resolved, run: dict, photos: PhotoSet, backbone: Backbone) -> dict:
+def _attrs(recipe: dict, resolved, run: dict, photos: PhotoSet, backbone: Backbone,
+           int8_agreement: dict | None = None) -> dict:
     """The cache's attributes: the recipe, and how this run made it."""
     run = dict(run)
-    return dict(recipe, gapstack_version=__version__, weights=str(resolved),
+    extra = {"int8_agreement": int8_agreement} if int8_agreement else {}
+    return dict(recipe, **extra, gapstack_version=__version__, weights=str(resolved),
                 keras_version=_keras_version(), backend=_backend(), runtime=run.pop("runtime"),
                 last_run=run,
                 n_train=len(photos.train), n_test=len(photos.test), sources=photos.sources,
@@ -285,12 +351,15 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
     Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
     makes (tested). Returns {backbone name: path}."""
     entries = []
+    chosen = choose_precision(precision, len(photos.train) + len(photos.test), runtime)
     for b in backbones:
         backbone = get_backbone(b) if isinstance(b, str) else b
         resolved = resolve_weights(backbone, weights)
-        recipe = make_recipe(backbone, weights_identity(resolved), photos, False, tta,
-                             choose_precision(precision))
-        entries.append((backbone, resolved, recipe, cache_path(cache_dir, backbone.name)))
+        path = cache_path(cache_dir, backbone.name)
+        recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, False, tta)
+        recipe = recipe_in(settled_precision(precision, chosen, path, recipe_in))
+        entries.append((backbone, resolved, recipe, path))
+    check_precision(chosen, runtime)
     todo = [e for e in entries if not _reusable(e[3], e[2], overwrite)]
     if len(todo) > 1:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -313,8 +382,11 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
     every = plan_chunks(photos, chunk_size)
     journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe)
                 for b, _, recipe, path in todo}
+    int8 = {b.name: quantized_graph(b, resolved, photos.train) if recipe["precision"] == "int8" else (None, None)
+            for b, resolved, recipe, _ in todo}
     extractors = {b.name: Extractor(b, resolved, runtime, batch_size, workers, False, tta,
-                                    precision=recipe["precision"]) for b, resolved, recipe, _ in todo}
+                                    precision=recipe["precision"], graph=int8[b.name][0])
+                  for b, resolved, recipe, _ in todo}
     needs = [(split, k, chunk, [n for n in extractors if not journals[n].has(split, k)])
              for split, k, chunk in every]
     needs = [t for t in needs if t[3]]
@@ -350,7 +422,7 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
                  done[backbone.name] / max(seconds[backbone.name], 1e-9), ex.run.name, ex.precision,
                  "+".join(extractors))
         assemble(path, journals[backbone.name], _chunk_counts(every), labels, backbone.feature_dim,
-                 _attrs(recipe, resolved, run, photos, backbone))
+                 _attrs(recipe, resolved, run, photos, backbone, int8[backbone.name][1]), int8[backbone.name][0])
         journals[backbone.name].remove()
 
 
@@ -360,22 +432,29 @@ class Extractor:
     def __init__(self, backbone: Backbone | str, weights="default", runtime: str = "auto",
                  batch_size: int | None = None, workers: int = WORKERS, fast_decode: bool = False,
                  tta: bool = False, model=None, streams: int | None = None,
-                 devices: list[str] | None = None, precision: str = "float32"):
+                 devices: list[str] | None = None, precision: str = "float32", graph: bytes | None = None):
         """``model``: a ready Keras model (raw pixels in) to run instead of the backbone's GAP model.
         ``streams``: concurrent forward passes on a CPU runtime (None: ``STREAMS``, for bulk
         throughput; 1: one pass on every core, the lowest latency for a single photo).
         ``devices``: one model replica per device (default: every GPU when there are several).
         ``precision``: Keras dtype policy of the GAP model (not float32: Keras runs it, since the
-        ONNX Runtime path is checked against float32 Keras)."""
+        ONNX Runtime path is checked against float32 Keras), or "int8": ONNX Runtime runs
+        ``graph``, the backbone's quantized graph (``quantized_graph``)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
         self.weights = resolve_weights(self.backbone, weights)
-        model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
-        if precision != "float32" and runtime != "keras":
-            if runtime == "onnx":
-                raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
-            runtime = "keras"
         self.precision = precision
-        self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
+        if precision == "int8":
+            if graph is None:
+                raise ValueError(f"{self.backbone.name}: int8 needs its quantized graph")
+            check_precision(precision, runtime)
+            self.run = OnnxForward(None, streams=streams or STREAMS, graph=graph)
+        else:
+            model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
+            if precision != "float32" and runtime != "keras":
+                if runtime == "onnx":
+                    raise ValueError(f"--runtime onnx runs float32 only, not {precision}")
+                runtime = "keras"
+            self.run = make_forward(model, runtime, streams=streams or STREAMS, devices=devices)
         self.batch_size = batch_size or DEFAULT_BATCH[self.run.name]
         self.forward = Forward(self.run, self.batch_size, tta)
         self.workers, self.fast_decode = max(1, workers), fast_decode
@@ -439,10 +518,11 @@ class Extractor:
 
 def _run(pending, journal: Journal, backbone: Backbone, resolved, batch_size: int | None,
          workers: int, fast_decode: bool, tta: bool, progress: bool, runtime: str,
-         precision: str = "float32") -> dict:
+         precision: str = "float32", graph: bytes | None = None) -> dict:
     """Extract the pending chunks into the journal; returns the runtime used and how it went
     (kept in the cache's ``last_run`` attribute: settings, photos, seconds once the model was ready)."""
-    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision)
+    ex = Extractor(backbone, resolved, runtime, batch_size, workers, fast_decode, tta, precision=precision,
+                   graph=graph)
     tasks = [(split, k, chunk, chunk[i:i + ex.batch_size])
              for split, k, chunk in pending for i in range(0, len(chunk), ex.batch_size)]
     total = sum(len(t[3]) for t in tasks)
@@ -497,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="forward pass: ONNX Runtime if it matches Keras (auto), or force one")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="Keras dtype policy of the forward pass (auto: mixed_float16 on GPUs "
-                             "with tensor cores, else float32)")
+                        help="how the features are computed: a Keras dtype policy, or int8 (ONNX "
+                             "Runtime on a CPU, calibrated on training photos). auto: mixed_float16 "
+                             "on GPUs with tensor cores; on a CPU, int8 where it pays (see "
+                             "benchmarks/RESULTS.md), else float32")
     parser.add_argument("--workers", type=int, default=WORKERS, help="decoding threads (default: cores)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help="photos per journalled chunk (what a killed run may redo)")

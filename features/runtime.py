@@ -59,20 +59,26 @@ class OnnxForward:
 
     name = "onnxruntime"
 
-    def __init__(self, model, threads: int | None = None, cache: Path | None = None, streams: int = 1):
-        """``cache``: folder of converted graphs (default ``ONNX_CACHE``)."""
+    def __init__(self, model, threads: int | None = None, cache: Path | None = None, streams: int = 1,
+                 graph: bytes | None = None):
+        """``cache``: folder of converted graphs (default ``ONNX_CACHE``). ``graph``: run this ONNX
+        graph instead of converting ``model`` (an int8 one, ``features.quantize``; ``path`` is None)."""
         if streams < 1:
             raise ValueError("streams must be at least 1")
         self.streams = streams
         self.threads = threads or max(1, (os.cpu_count() or 1) // streams)
-        self.path = path = onnx_cache_path(model, cache)
-        try:
-            graph = cached_onnx(model, path)
+        self.path = path = None if graph is not None else onnx_cache_path(model, cache)
+        if graph is not None:
             first = self._session(graph)
-        except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
-            path.unlink(missing_ok=True)
-            graph = cached_onnx(model, path)
-            first = self._session(graph)
+        else:
+            try:
+                graph = cached_onnx(model, path)
+                first = self._session(graph)
+            except Exception:  # a damaged cached graph: convert again (raises if conversion fails)
+                path.unlink(missing_ok=True)
+                graph = cached_onnx(model, path)
+                first = self._session(graph)
+        self.graph = graph
         self.graph_md5 = hashlib.md5(graph).hexdigest()
         self.sessions: queue.SimpleQueue = queue.SimpleQueue()
         for session in [first] + [self._session(graph) for _ in range(streams - 1)]:
@@ -221,7 +227,8 @@ def accelerators() -> tuple[str, ...]:
     return found
 
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# The Keras dtype policies, and int8 (ONNX Runtime on a CPU, ``features.quantize``).
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16", "int8")
 # Tensor cores (float16 matrix units) start at compute capability 7.0: T4 7.5, V100 7.0; P100
 # (6.0) runs float16 no faster than float32 in practice. benchmarks/RESULTS.md: float16 features
 # move every model's CV log loss far less than the fold seed does.
@@ -238,15 +245,42 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
     return [tuple(d.get("compute_capability") or (0, 0)) for d in details]
 
 
-def choose_precision(requested: str = "auto") -> str:
-    """The Keras dtype policy extraction runs in. "auto": mixed_float16 where every GPU has tensor
-    cores, else float32 (CPUs and older GPUs: float16 and bfloat16 are slower there, measured)."""
+# int8 features (``features.quantize``) where the CPU multiplies int8 in hardware.
+INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
+# "auto" may pick int8: on the 9,619 shared photos every model's CV log loss stayed within the fold
+# seed's noise with int8 features (benchmarks/RESULTS.md, "int8 features").
+INT8_BY_DEFAULT = True
+# ... from this many photos: calibrating costs 13-23 s a backbone (once per machine), which int8's
+# faster extraction wins back from about 2,800 photos (Lite1) to 4,600 (Lite0), measured here.
+INT8_MIN_PHOTOS = 5_000
+
+
+def int8_dot_product() -> bool:
+    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in INT8_DOT_PRODUCT)
+
+
+def choose_precision(requested: str = "auto", photos: int | None = None, runtime: str = "auto") -> str:
+    """The precision extraction runs in. "auto": mixed_float16 where every GPU has tensor cores;
+    on a CPU, int8 for ``photos`` enough to pay for its calibration (``INT8_MIN_PHOTOS``) where
+    the CPU has int8 instructions and ONNX Runtime runs; else float32 (float16 and bfloat16 are
+    slower on CPUs and older GPUs, measured)."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
     if requested != "auto":
         return requested
     capabilities = gpu_compute_capabilities()
-    return "mixed_float16" if capabilities and min(capabilities) >= TENSOR_CORES else "float32"
+    if capabilities:
+        return "mixed_float16" if min(capabilities) >= TENSOR_CORES else "float32"
+    if (INT8_BY_DEFAULT and runtime != "keras" and (photos or 0) >= INT8_MIN_PHOTOS
+            and int8_dot_product() and onnx_available()):
+        return "int8"
+    return "float32"
 
 
 def has_gpu() -> bool:

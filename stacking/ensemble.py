@@ -19,6 +19,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
+from features.cache import atomic_write, read_int8_graph
 from oof.crossfit import CrossFit, cross_fit
 from oof.heads import KerasHead, make_head
 from oof.prior import ImageNetPrior
@@ -84,12 +85,20 @@ class Ensemble:
 
     def save(self, folder: str | Path) -> None:
         """``ensemble.joblib`` + ``ensemble.json``; fine-tuned fold networks are copied into
-        ``finetuned/`` and named relative to the folder, so the folder can move."""
+        ``finetuned/``, int8 backbones' quantized graphs into ``int8/``, named relative to the
+        folder, so the folder can move."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         saved = copy.copy(self)
         saved.backbones = []
         for b in self.backbones:
+            if b.get("precision") == "int8":  # the quantized graph that made its features
+                rel = f"int8/{b['name']}.onnx"
+                (folder / "int8").mkdir(exist_ok=True)
+                # From the feature cache; a loaded ensemble saved again has it in its own folder.
+                graph = Path(b["int8_graph"]).read_bytes() if b.get("int8_graph") else read_int8_graph(b["cache"])
+                atomic_write(folder / rel, lambda f: f.write(graph))
+                b = {**b, "int8_graph": rel}
             if b.get("fold_network_of"):
                 rel = f"finetuned/{b['name']}.keras"
                 (folder / "finetuned").mkdir(exist_ok=True)
@@ -111,6 +120,8 @@ class Ensemble:
             raise FileNotFoundError(f"{path}: no saved ensemble (made by python -m stacking.run)")
         ens = joblib.load(path)
         for b in ens.backbones:
+            if b.get("int8_graph"):
+                b["int8_graph"] = str(Path(folder).resolve() / b["int8_graph"])
             if b.get("fold_network_of"):
                 b["weights"] = b["entry"]["weights"] = str(Path(folder).resolve() / b["weights"])
         return ens

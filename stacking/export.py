@@ -355,6 +355,11 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, use: str | None = N
         raise ExportError(f"{out}: a {fmt} file should end in {SUFFIX[fmt]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     ensemble = Ensemble.load(model_dir)
+    if any(b.get("precision") == "int8" for b in ensemble.backbones):
+        log.warning("%s: this ensemble's heads were trained on int8 features (ONNX Runtime); the "
+                    "export runs the float32 network%s, so its P(dog) differs a little from "
+                    "stacking.predict's: the parity check in %s.json says how much", model_dir,
+                    " quantized its own way" if quantize == "int8" else "", out)
     model, info = photo_model(ensemble, use, backbones, weights)
     size, method = tuple(info["input"]["shape"][1:3]), info["input"]["resize_method"]
     calibration = pixels_of(sample_photos(data_dirs), size, method) if quantize == "int8" else None

@@ -33,7 +33,7 @@ class Predictor:
         self.extractors = {
             b["name"]: Extractor(Backbone(**b["entry"]), self.ensemble.weights_for(b, weights), runtime,
                                  batch_size, tta=b.get("tta", False), streams=streams,
-                                 precision=b.get("precision", "float32"))
+                                 precision=b.get("precision", "float32"), graph=int8_graph(b))
             for b in self.ensemble.backbones}
 
     def features(self, photos: list[Photo], reader=None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -57,6 +57,18 @@ class Predictor:
         unreadable), and the reasons."""
         out, reasons = self.predict_all(photos, reader)
         return clip(out[self.ensemble.submit_with], self.ensemble.clip), reasons
+
+
+def int8_graph(backbone: dict) -> bytes | None:
+    """The quantized graph a saved int8 backbone made its features with (None for float ones)."""
+    if backbone.get("precision") != "int8":
+        return None
+    path = Path(backbone["int8_graph"])
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: the int8 graph of {backbone['name']} is missing from the saved "
+                                f"model ({exc.strerror or exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

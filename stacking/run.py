@@ -26,11 +26,11 @@ import pandas as pd
 from features.cache import StaleCacheError, load_features
 from features.data import DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
-from features.extract import extract, extract_many, setup_logging
+from features.extract import check_precision, extract, extract_many, setup_logging
 from features.models import resolve_weights, weights_identity
 from features.imagenet import top_weights
 from features.registry import Backbone, get_backbone, list_backbones
-from features.runtime import PRECISIONS, has_gpu
+from features.runtime import PRECISIONS, choose_precision, has_gpu
 from oof.crossfit import TEST_MODES, cross_fit
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
@@ -275,14 +275,16 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
-    extraction speed from its cache (three times training's where the cache does not say)."""
+    extraction speed from its cache where that was float32, as fold networks predict (else three
+    times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)
     run = frozen.attrs.get("last_run") or {}
-    predict_rate = run["photos"] / run["seconds"] if run.get("seconds") else 3 * train_rate
+    same = run.get("seconds") and run.get("precision", "float32") == "float32"
+    predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left))
     log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
@@ -354,6 +356,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--folds {args.folds}: out-of-fold predictions need at least 2 folds")
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout {args.holdout}: a fraction of the training photos, 0 <= f < 1")
+    check_precision(choose_precision(args.precision), "auto")
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -537,8 +540,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode each photo once for all backbones (for a GPU fast enough that "
                              "decoding is the bound; on a CPU it does not help: benchmarks/RESULTS.md)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="Keras dtype policy of extraction (auto: mixed_float16 on GPUs with "
-                             "tensor cores, else float32; benchmarks/RESULTS.md)")
+                        help="how the features are computed: a Keras dtype policy, or int8 (ONNX "
+                             "Runtime on a CPU, calibrated on training photos). auto: mixed_float16 "
+                             "on GPUs with tensor cores; on a CPU, int8 where it pays (see "
+                             "benchmarks/RESULTS.md), else float32")
     parser.add_argument("--cache", default=str(CACHE_DIR), help="feature cache folder (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="recompute stale feature caches")
     parser.add_argument("--exclude", default=None,
