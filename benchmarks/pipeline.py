@@ -2,6 +2,7 @@
 forward pass alone per inference runtime, decoding alone per core, and the arithmetic limit.
 
     python benchmarks/pipeline.py [--backbones efficientnet_lite0 efficientnet_lite2] [--photos 2603] [--repeat 3]
+    python benchmarks/pipeline.py --int8 [--backbones ...]   # int8 against float32, as ratios
 
 Each end-to-end measurement runs in its own process (``benchmarks/extract.py``'s children), the
 fastest of ``--repeat`` runs.
@@ -128,12 +129,66 @@ def runtimes(model, streams: int):
     return out
 
 
+def int8_speed(name: str, ends: dict, originals, small, cpu: dict) -> list[str]:
+    """int8 against float32 for one backbone, in one process and its children: forward alone
+    (our sessions, each batch size), end to end (``ends``: {precision: the child's run}), the
+    shared-core bound of each, calibration time and peak memory. Markdown rows."""
+    from features.defaults import STREAMS
+    from features.extract import quantized_graph
+    from features.models import build_gap_model, resolve_weights
+    from features.quantize import agreement, calibration_sample, quantize
+    from features.registry import get_backbone
+    from features.runtime import OnnxForward
+    from stacking.export import pixels_of
+
+    backbone = get_backbone(name)
+    model = build_gap_model(backbone)
+    graph, _ = quantized_graph(backbone, resolve_weights(backbone, "default"), originals)
+    sessions = {"float32": OnnxForward(model, streams=STREAMS), "int8": OnnxForward(None, streams=STREAMS, graph=graph)}
+    pixels = pixels_of(originals[:64], backbone.input_size, backbone.resize)
+    started = time.perf_counter()
+    quantize(sessions["float32"].graph, pixels_of(calibration_sample(originals), backbone.input_size, backbone.resize))
+    calibration = time.perf_counter() - started
+    forward = {p: [forward_rate([run] * STREAMS, pixels, k) for k in (1, 2, 4, 8)] for p, run in sessions.items()}
+    dec = [decode_rate(photos_, backbone.input_size, "default") for photos_ in (originals, small)]
+    decoding = cpu["cores"] * 2 / (1 / dec[0] + 1 / dec[1])
+    rows = []
+    for p in ("float32", "int8"):
+        best = max(forward[p])
+        end = ends[p]["last_run"]["photos"] / ends[p]["last_run"]["seconds"]
+        bound = 1 / (1 / best + 1 / decoding)
+        rows.append((p, forward[p], best, end, ends[p]["images"] / ends[p]["seconds"], bound, ends[p]["peak_rss_mb"]))
+    out = [f"| {name} {p} | " + " / ".join(f"{r:.0f}" for r in fw) + f" | {end:.1f} | {start:.1f} | {bound:.0f} "
+           f"({end / bound:.0%}) | {rss:.0f} |" for p, fw, best, end, start, bound, rss in rows]
+    try:  # bfloat16 where the CPU has it (AVX512_BF16, AMX): OpenVINO's forward alone, for comparison
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(sessions["float32"].graph, b""), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "THROUGHPUT",
+                                       "NUM_STREAMS": str(STREAMS)})
+        requests = [compiled.create_infer_request() for _ in range(STREAMS)]
+        runs = [lambda x, r=r: r.infer({0: x})[0].copy() for r in requests]
+        bf16 = [forward_rate(runs, pixels, k) for k in (1, 2, 4, 8)]
+        close = agreement(runs[0](pixels[:16]), sessions["float32"](pixels[:16]))
+        out.append(f"| {name} bfloat16 (OpenVINO {ov.__version__}, forward alone) | " + " / ".join(f"{r:.0f}" for r in bf16)
+                   + f" | | | | features vs float32: cosine {close['cosine']:.5f} |")
+    except ImportError:
+        pass
+    f, i = rows
+    out.append(f"| **{name} int8 / float32** | best {i[2] / f[2]:.2f}x | **{i[3] / f[3]:.2f}x** | {i[4] / f[4]:.2f}x | "
+               f"{i[5] / f[5]:.2f}x | calibration {calibration:.0f} s ({len(calibration_sample(originals))} photos); "
+               f"decoding alone {decoding:.0f} img/s |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     parser.add_argument("--photos", type=int, default=2603, help="photos for the end-to-end runs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs each; the fastest counts")
+    parser.add_argument("--int8", action="store_true", help="only int8 against float32 (ONNX Runtime)")
     args = parser.parse_args()
     from features.data import load_photos
     from features.defaults import STREAMS, shared_dir
@@ -148,6 +203,19 @@ def main() -> None:
           "(shared originals and 200 px, interleaved)\n")
     originals = load_photos(shared_dir() / "dogs-vs-cats").train[:400]
     small = load_photos(shared_dir() / "dogs-vs-cats-200px", require_test=False).train[:400]
+    if args.int8:
+        print(f"int8 against float32, ONNX Runtime, {STREAMS} sessions; photos/s. Forward alone at batch "
+              "1 / 2 / 4 / 8; end to end once the model is ready, and from the start (calibration kept "
+              "from an earlier run); the bound: the best forward and decoding sharing the cores.\n")
+        print("| backbone, precision | forward alone | end to end, ready | end to end, start-up included | "
+              "bound (ours = % of it) | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        # Children first, while this process is small (see below).
+        ends = {name: {p: _child("ours", name, args.photos, args.repeat, p) for p in ("float32", "int8")}
+                for name in args.backbones}
+        for name in args.backbones:
+            print("\n".join(int8_speed(name, ends[name], originals, small, cpu)), flush=True)
+        return
     # End-to-end children first, while this process is small: a forked child starts with its
     # parent's peak RSS on Linux, which would spoil their memory figures.
     ends = {name: (_child("writeups", name, args.photos, args.repeat), _child("ours", name, args.photos, args.repeat))

@@ -1,10 +1,12 @@
-"""Does computing the features in float16 or bfloat16 change what the models learn?
+"""Does computing the features in float16, bfloat16 or int8 change what the models learn?
 
     python benchmarks/precision.py [--data DIR ...] [--photos 4000] [--seeds 3]
-                                   [--backbones efficientnet_lite0,...] [--policies float32,mixed_float16,mixed_bfloat16]
+                                   [--backbones efficientnet_lite0,...]
+                                   [--policies float32,mixed_float16,mixed_bfloat16,int8,int8@32]
 
-Each Keras dtype policy extracts the same photos (``extract(precision=...)``, in its own process;
-Keras runs, not ONNX Runtime), then every model of the
+Each precision extracts the same photos (``extract(precision=...)``, in its own process; Keras
+runs the mixed policies, ONNX Runtime float32 and int8; ``int8@N`` is int8 calibrated on N photos
+instead of ``features.quantize.INT8``'s number), then every model of the
 run (each backbone's logistic head, concat-fusion, the stackers) is cross-validated on the same
 folds for each policy. The noise: how much float32's own CV log loss moves from one fold seed to
 another. A policy whose change is well inside that noise is safe to use where it is faster (a
@@ -45,13 +47,21 @@ def extract_with_policy(args) -> None:
     from features.cache import read_attrs
     from features.extract import extract
 
+    from features.quantize import INT8
+
     photos = subset(args.data, args.photos)
+    precision, _, calibration = args.policy.partition("@")
+    if calibration:
+        INT8["photos"] = int(calibration)
+    keras = precision.startswith("mixed")
     timing = {}
     for name in args.backbones.split(","):
-        path = extract(photos, name, cache_dir=Path(args.cache) / args.policy, runtime="keras",
-                       batch_size=32, progress=False, precision=args.policy)
+        started = time.time()
+        path = extract(photos, name, cache_dir=Path(args.cache) / args.policy, runtime="keras" if keras else "auto",
+                       batch_size=32 if keras else None, progress=False, precision=precision)
         run = read_attrs(path)["last_run"]
-        timing[name] = round(run["photos"] / run["seconds"], 1) if run.get("seconds") else None
+        timing[name] = {"img_s": round(run["photos"] / run["seconds"], 1) if run.get("seconds") else None,
+                        "total_s": round(time.time() - started, 1)}
     print(json.dumps(timing))
 
 
@@ -72,6 +82,7 @@ def main() -> int:
         return 0
 
     from features.cache import load_features
+    from features.quantize import agreement
     from oof.folds import make_folds
     from stacking.ensemble import fit_ensemble
     from stacking.submission import scores
@@ -98,8 +109,7 @@ def main() -> int:
     for p in policies:
         for b in backbones:
             assert list(feats[p][b].train_ids) == list(ids), (p, b)
-    drift = {p: {b: float(np.abs(feats[p][b].train - ref[b].train).max() / np.abs(ref[b].train).max())
-                 for b in backbones} for p in policies}
+    drift = {p: {b: agreement(feats[p][b].train, ref[b].train) for b in backbones} for p in policies}
     described = [{"name": b} for b in backbones]
     cv: dict[str, dict[int, dict[str, float]]] = {p: {} for p in policies}
     for seed in range(args.seeds):
@@ -126,9 +136,14 @@ def main() -> int:
         lines.append(row)
     lines += ["", "| policy | " + " | ".join(backbones) + " |", "| --- " * (1 + len(backbones)) + "|"]
     for p in policies:
-        lines.append(f"| {p}: img/s on this CPU (Keras) | " + " | ".join(str(speed[p].get(b)) for b in backbones) + " |")
-        lines.append(f"| {p}: largest feature change vs {base} (relative) | "
-                     + " | ".join(f"{drift[p][b]:.1e}" for b in backbones) + " |")
+        runtime = "Keras" if p.startswith("mixed") else "ONNX Runtime"
+        lines.append(f"| {p}: img/s on this CPU ({runtime}), extraction | "
+                     + " | ".join(str(speed[p][b]["img_s"]) for b in backbones) + " |")
+        lines.append(f"| {p}: seconds from start to cache (int8: with calibration) | "
+                     + " | ".join(str(speed[p][b]["total_s"]) for b in backbones) + " |")
+        lines.append(f"| {p}: features vs {base}: mean cosine / largest relative change | "
+                     + " | ".join(f"{drift[p][b]['cosine']:.5f} / {drift[p][b]['max_rel_diff']:.1e}"
+                                  for b in backbones) + " |")
     print("\n".join(lines))
     return 0
 
