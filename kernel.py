@@ -1842,13 +1842,12 @@ def settled_precision(requested: str, chosen: str, path: Path, recipe_in) -> str
     return "float32" if not recipe_differences(stored, recipe_in("float32")) else chosen
 
 
-def check_precision(precision: str, runtime: str, engine: str = "local") -> None:
+def check_precision(precision: str, runtime: str) -> None:
     """int8 runs on ONNX Runtime on a CPU only: say so before any work, naming what is missing."""
     if precision != "int8":
         return
-    if runtime == "keras" or engine == "ray":
-        raise ValueError(f"--precision int8 runs on ONNX Runtime, not with "
-                         f"{'--runtime keras' if runtime == 'keras' else '--engine ray'}")
+    if runtime == "keras":
+        raise ValueError("--precision int8 runs on ONNX Runtime, not with --runtime keras")
     if not onnx_available():
         raise ValueError("--precision int8 needs ONNX Runtime on a CPU: the TensorFlow backend, no GPU, and "
                          "the onnxruntime and tf2onnx packages (pip install onnxruntime tf2onnx)")
@@ -1992,7 +1991,7 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     precision = "float32" if engine == "ray" and precision == "auto" else choose_precision(precision, n_photos, runtime)
     if engine == "ray" and precision != "float32":
         raise ValueError("--engine ray extracts in float32 only")
-    check_precision(precision, runtime, engine)
+    check_precision(precision, runtime)
     if shard is not None and precision == "int8":
         raise ValueError("--shard extracts in float32 only (each shard would calibrate its own int8 graph)")
     path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
