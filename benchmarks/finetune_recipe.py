@@ -11,6 +11,14 @@ the fold), so one ``epochs=3`` recipe gives the CV after 1, 2 and 3 epochs: with
 learning rate, the first epochs of a longer recipe are the shorter recipe. Prints a Markdown
 table (CV log loss, accuracy, seconds per fold) for benchmarks/RESULTS.md, with the frozen
 backbone's heads on the same folds.
+
+    python benchmarks/finetune_recipe.py --run runs/base --cache cache/full --backbone efficientnet_lite1
+                                         --recipes "epochs=2,learning_rate=2e-5"
+
+With ``--run`` (a ``stacking.run --out`` folder), the photos, folds and cached features are that
+run's, so the folds trained here are the ones ``stacking.run --finetune`` reuses with that recipe,
+and the judge is the run's own stack-lr: refitted on the same folds with the fine-tuned column
+(after each epoch) added to the run's frozen level-1 models (any fine-tuned column of the run left out).
 """
 
 from __future__ import annotations
@@ -73,19 +81,73 @@ def epoch_scores(work: Path, backbone, batch_size: int = 64):
     return factory
 
 
-def main() -> int:
-    from sklearn.metrics import log_loss
+def sample_rows(n: int, data: list[str], cache: str, backbone):
+    """A stratified, seeded sample of ``n`` shared training photos, new folds (seed 42), no run."""
+    from sklearn.model_selection import train_test_split
 
     from features.cache import load_features
     from features.data import PhotoSet, load_photos
-    from features.extract import extract, setup_logging
+    from features.extract import extract
+    from oof.folds import make_folds
+    from stacking.run import rows
+
+    every = load_photos(data, require_test=False)
+    train, _ = train_test_split(every.train, train_size=n, random_state=SEED,
+                                stratify=[p.label for p in every.train])
+    train = sorted(train, key=lambda p: (p.label, p.id))
+    f = load_features(extract(PhotoSet(train, [], every.sources), backbone, cache_dir=cache,
+                              progress=False, imagenet=False))
+    ids, y = [p.id for p in train], np.array([p.label for p in train])
+    return train, rows({backbone.name: f}, ids, "train")[backbone.name], \
+        make_folds(ids, y, 5, SEED)["fold"].to_numpy(), None
+
+
+def run_rows(run: str, data: list[str], cache: str, backbone):
+    """The training photos (in the run's order, so ``work_folder`` names the same folder), the
+    backbone's cached GAP rows, the run's saved folds and its level-1 OOF predictions."""
+    import json
+
+    import pandas as pd
+
+    from features.cache import load_features
+    from features.data import load_photos
+    from features.extract import extract
+    from stacking.run import rows
+
+    report = json.loads((Path(run) / "report.json").read_text())
+    folds = pd.read_csv(Path(run) / "folds.csv", dtype={"id": str})
+    photos = load_photos(data)
+    by_id = {p.id: p for p in photos.train}
+    train = [by_id[i] for i in folds["id"]]
+    f = load_features(extract(photos, backbone, cache_dir=cache, progress=False,
+                              precision=report["backbone_details"][0]["precision"]))
+    stackers = {"average", "stack-lr", "stack-lgbm"}
+    level1 = {name: pd.read_csv(Path(run) / "oof" / (name.replace("/", "__") + ".csv"), dtype={"id": str})
+              .set_index("id").loc[folds["id"], "pred"].to_numpy()
+              for name in report["cv"] if name not in stackers}
+    return train, rows({backbone.name: f}, list(folds["id"]), "train")[backbone.name], \
+        folds["fold"].to_numpy(), level1
+
+
+def stack_lr(columns: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray) -> float:
+    """The run's stack-lr refitted on its folds over the level-1 OOF ``columns``."""
+    from sklearn.metrics import log_loss
+
+    from oof.crossfit import cross_fit
+    from stacking.stackers import STACKERS
+
+    return log_loss(y, cross_fit(STACKERS["stack-lr"](), np.column_stack(list(columns.values())), y, fold).oof)
+
+
+def main() -> int:
+    from sklearn.metrics import log_loss
+
+    from features.extract import setup_logging
     from features.models import resolve_weights, weights_identity
     from features.registry import get_backbone
-    from oof.finetune import Recipe, finetune_folds, work_folder
     from oof.crossfit import cross_fit
-    from oof.folds import make_folds
+    from oof.finetune import Recipe, finetune_folds, work_folder
     from oof.heads import KerasHead, LogisticHead
-    from stacking.run import rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", default=[str(shared_dir() / "dogs-vs-cats"),
@@ -94,28 +156,32 @@ def main() -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--recipes", default="epochs=1;epochs=2;epochs=1,learning_rate=3e-4")
     parser.add_argument("--cache", default="cache/finetune_recipe")
+    parser.add_argument("--run", help="a stacking.run --out folder: its photos, folds and stack-lr")
     args = parser.parse_args()
     setup_logging()
-    from sklearn.model_selection import train_test_split
-
-    every = load_photos(args.data, require_test=False)
-    train, _ = train_test_split(every.train, train_size=args.photos, random_state=SEED,
-                                stratify=[p.label for p in every.train])
-    train = sorted(train, key=lambda p: (p.label, p.id))
-    photos = PhotoSet(train, [], every.sources)
     backbone = get_backbone(args.backbone)
-    f = load_features(extract(photos, backbone, cache_dir=args.cache, progress=False, imagenet=False))
+    train, warm, fold, level1 = (run_rows(args.run, args.data, args.cache, backbone) if args.run
+                                 else sample_rows(args.photos, args.data, args.cache, backbone))
     ids, y = [p.id for p in train], np.array([p.label for p in train])
-    warm = rows({backbone.name: f}, ids, "train")[backbone.name]
-    fold = make_folds(ids, y, 5, SEED)["fold"].to_numpy()
+    column = f"{backbone.name}/finetuned"
+    rest = {k: v for k, v in (level1 or {}).items() if not k.endswith("/finetuned")}  # frozen models only
+
+    def row(name: str, p: np.ndarray, seconds: str = "", judged: bool = True) -> str:
+        judge = (f" {stack_lr({**rest, column: p}, y, fold):.4f} |" if judged else " |") if level1 else ""
+        return f"| {name} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} |{judge} {seconds} |"
+
     lines = [f"{len(ids)} photos, 5 folds (seed {SEED}), {backbone.name}", "",
-             "| recipe | CV log loss | CV accuracy | seconds per fold |", "| --- | ---: | ---: | ---: |"]
+             "| recipe | CV log loss | CV accuracy |" + (" stack-lr |" if level1 else "") + " seconds per fold |",
+             "| --- | ---: | ---: |" + (" ---: |" if level1 else "") + " ---: |"]
+    if level1:
+        lines.append(f"| the run's frozen level-1 models alone | | | {stack_lr(rest, y, fold):.4f} | |")
+        if column in level1:
+            lines.append(row(f"the run's {column}", level1[column]))
     recipe = Recipe()
     for name, head in [("frozen, logistic head", LogisticHead()),
                        ("frozen, warm-up head alone", KerasHead(dropout=recipe.dropout, epochs=recipe.warmup_epochs,
                                                                 standardize=False, random_state=recipe.seed))]:
-        p = cross_fit(head, warm, y, fold).oof
-        lines.append(f"| {name} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} | |")
+        lines.append(row(name, cross_fit(head, warm, y, fold).oof, judged=False))
         print(lines[-1], flush=True)
     for text in args.recipes.split(";"):
         recipe = replace(Recipe(), **parse_recipe(text))
@@ -132,9 +198,8 @@ def main() -> int:
                 per_epoch[:, fold == k] = np.load(kept)
         for e, p in enumerate(per_epoch[:-1], 1):
             if not np.isnan(p).any():
-                lines.append(f"| {text}, after epoch {e} | {log_loss(y, p):.4f} | {((p > 0.5) == y).mean():.4f} | |")
-        lines.append(f"| {text} | {log_loss(y, result.oof):.4f} | "
-                     f"{((result.oof > 0.5) == y).mean():.4f} | {seconds:.0f} |")
+                lines.append(row(f"{text}, after epoch {e}", p))
+        lines.append(row(text, result.oof, f"{seconds:.0f}"))
         if not np.isnan(per_epoch[-1]).any():  # the in-memory score of the last epoch = the saved network's
             log.info("last epoch in memory vs through the saved network: max |dP| %.2g",
                      np.abs(per_epoch[-1] - result.oof).max())
