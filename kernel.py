@@ -2748,6 +2748,22 @@ class Recipe:
     seed: int = SEED
 
 
+# Each backbone's recipe, chosen by 5-fold CV on the 9,619 shared photos with stack-lr as the judge
+# (benchmarks/RESULTS.md, "Recipes per backbone"). A backbone not listed (the write-ups' four, a
+# .keras file) trains with Recipe(), Lite0's: a recipe on paper until a CV says otherwise.
+RECIPES: dict[str, Recipe] = {
+    "efficientnet_lite0": Recipe(),
+}
+
+
+def recipe_for(backbone: Backbone | str, epochs: int | None = None, seed: int = SEED) -> Recipe:
+    """The backbone's recipe (``RECIPES``, else ``Recipe()``), with ``epochs`` and ``seed`` as the
+    user set them (``--finetune-epochs``, ``--seed``)."""
+    name = backbone if isinstance(backbone, str) else backbone.name
+    recipe = RECIPES.get(name, Recipe())
+    return replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed)
+
+
 class DenseHead(BinaryClassifier):
     """A fitted Dense(1, sigmoid) head as a linear model on GAP features: logit = X @ coef + b.
     ``fit`` learns nothing (the network trained it); it only records the classes."""
@@ -2820,10 +2836,37 @@ def batches(source: PhotoBatches, workers: int):
     return Batches()
 
 
-def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None):
+def training_devices() -> list[str]:
+    """The devices one fold network trains on together: every GPU when there are several (Kaggle's
+    T4 x2), on the TensorFlow backend; else none named (Keras' own device)."""
+    import keras
+
+    found = list(accelerators())
+    return found if len(found) > 1 and keras.backend.backend() == "tensorflow" else []
+
+
+def _replicated(devices: list[str]):
+    """A scope in which a network is built once per device (``tf.distribute.MirroredStrategy``):
+    each replica takes its share of every batch and the gradients are combined before each step,
+    so the recipe (batch size, learning rate) trains as on one device."""
+    if len(devices) < 2:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(devices).scope()
+
+
+def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None,
+                  devices: list[str] | None = None):
     """(training model: pixels -> P(dog), compiled with the recipe's optimizer and loss;
     feature-map model inside it). BatchNormalization frozen as the recipe says; ``head``:
-    (kernel, bias) to start the Dense from."""
+    (kernel, bias) to start the Dense from; ``devices``: train on these together (default:
+    ``training_devices()``)."""
+    with _replicated(training_devices() if devices is None else devices):
+        return _network(backbone, weights, recipe, head)
+
+
+def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None):
     import keras
 
     fmap = build_feature_map_model(backbone, weights)
@@ -2887,12 +2930,13 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto", callbacks=None) -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
     backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
     (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
-    benchmark scores the held-out fold after every epoch with them)."""
+    benchmark scores the held-out fold after every epoch with them). ``devices``: each fold
+    network trains on these together (default: every GPU when there are several)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
@@ -2909,7 +2953,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
                         held_photos + extra, runtime,
-                        callbacks=list(callbacks(k, held_photos)) if callbacks else [])
+                        callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
         _predict_missing(net, feats, held_photos + extra, done, runtime)
@@ -2957,15 +3001,18 @@ def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, trai
 
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
-                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:
+                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=(),
+                devices: list[str] | None = None) -> None:
     """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
     import keras
 
     keras.utils.set_random_seed(recipe.seed + int(k))
-    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k))
+    devices = training_devices() if devices is None else devices
+    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), devices)
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
-    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
+    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)%s", backbone.name, k, len(photos), recipe.epochs,
+             f", each batch split across {len(devices)} devices" if len(devices) > 1 else "")
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
     history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
@@ -3832,10 +3879,11 @@ class FineTuned:
     info: dict = field(default_factory=dict)
 
 
-def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dict, data: TrainingRows,
-                 weights, cache: Path, batch_size: int | None, precision: str,
+def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
+                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str,
                  budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
-    """Each backbone of ``names`` trained once per fold (``oof.finetune``); the warm-up reads its
+    """Each backbone of ``names`` trained once per fold with its own recipe (``oof.finetune``;
+    ``epochs``, when set, overrides the recipes' epoch counts); the warm-up reads its
     frozen GAP features, extracted here if the run's backbones do not include it. Before a
     backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
     backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
@@ -3844,6 +3892,7 @@ def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dic
     spent = 0.0
     for name in names:
         backbone = get_backbone(name)
+        recipe = recipe_for(backbone, epochs, seed)
         if backbone.name not in loaded:
             loaded[backbone.name] = load_features(extract(photos, name, weights, cache, batch_size,
                                                           precision=precision))
@@ -4001,7 +4050,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
     tuned = [get_backbone(b) for b in finetune]
-    if finetune and args.finetune_epochs < 1:
+    if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
     if finetune and args.exclude and not auto:
         raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
@@ -4121,7 +4170,7 @@ def run(args: argparse.Namespace) -> dict:
                    args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
-    tuned = finetune_all(plan.finetune, Recipe(epochs=args.finetune_epochs, seed=args.seed), photos,
+    tuned = finetune_all(plan.finetune, args.finetune_epochs, args.seed, photos,
                          feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
                          args.finetune_budget, plan.finetune_auto)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
@@ -4175,8 +4224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-budget", type=float, default=FINETUNE_MINUTES, metavar="MINUTES",
                         help="minutes fine-tuning may take in all; with --finetune auto a backbone "
                              "that would pass it is left out (default: %(default)s)")
-    parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
-                        help="epochs of whole-network training per fold (default: %(default)s)")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="epochs of whole-network training per fold, for every fine-tuned backbone "
+                             "(default: each backbone's recipe, oof.finetune.RECIPES)")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
                              "own ImageNet classifier, on by default where its top weights are at hand)")

@@ -18,13 +18,14 @@ interrupted run resumes at the first unfinished fold.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from features.defaults import SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
 from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
+from features.runtime import accelerators
 from oof.crossfit import CrossFit
 from oof.heads import BinaryClassifier, KerasHead, LogisticHead, linear_parts, validate_data
 
@@ -63,6 +65,22 @@ class Recipe:
     warmup: str = "keras"  # the starting head: "keras" (Dropout + Dense) or "logistic" (our LogisticHead)
     warmup_epochs: int = 20  # of the "keras" head on cached GAP features
     seed: int = SEED
+
+
+# Each backbone's recipe, chosen by 5-fold CV on the 9,619 shared photos with stack-lr as the judge
+# (benchmarks/RESULTS.md, "Recipes per backbone"). A backbone not listed (the write-ups' four, a
+# .keras file) trains with Recipe(), Lite0's: a recipe on paper until a CV says otherwise.
+RECIPES: dict[str, Recipe] = {
+    "efficientnet_lite0": Recipe(),
+}
+
+
+def recipe_for(backbone: Backbone | str, epochs: int | None = None, seed: int = SEED) -> Recipe:
+    """The backbone's recipe (``RECIPES``, else ``Recipe()``), with ``epochs`` and ``seed`` as the
+    user set them (``--finetune-epochs``, ``--seed``)."""
+    name = backbone if isinstance(backbone, str) else backbone.name
+    recipe = RECIPES.get(name, Recipe())
+    return replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed)
 
 
 class DenseHead(BinaryClassifier):
@@ -137,10 +155,37 @@ def batches(source: PhotoBatches, workers: int):
     return Batches()
 
 
-def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None):
+def training_devices() -> list[str]:
+    """The devices one fold network trains on together: every GPU when there are several (Kaggle's
+    T4 x2), on the TensorFlow backend; else none named (Keras' own device)."""
+    import keras
+
+    found = list(accelerators())
+    return found if len(found) > 1 and keras.backend.backend() == "tensorflow" else []
+
+
+def _replicated(devices: list[str]):
+    """A scope in which a network is built once per device (``tf.distribute.MirroredStrategy``):
+    each replica takes its share of every batch and the gradients are combined before each step,
+    so the recipe (batch size, learning rate) trains as on one device."""
+    if len(devices) < 2:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(devices).scope()
+
+
+def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None,
+                  devices: list[str] | None = None):
     """(training model: pixels -> P(dog), compiled with the recipe's optimizer and loss;
     feature-map model inside it). BatchNormalization frozen as the recipe says; ``head``:
-    (kernel, bias) to start the Dense from."""
+    (kernel, bias) to start the Dense from; ``devices``: train on these together (default:
+    ``training_devices()``)."""
+    with _replicated(training_devices() if devices is None else devices):
+        return _network(backbone, weights, recipe, head)
+
+
+def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None):
     import keras
 
     fmap = build_feature_map_model(backbone, weights)
@@ -204,12 +249,13 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto", callbacks=None) -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
     backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
     (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
-    benchmark scores the held-out fold after every epoch with them)."""
+    benchmark scores the held-out fold after every epoch with them). ``devices``: each fold
+    network trains on these together (default: every GPU when there are several)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
@@ -226,7 +272,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
             _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                         warm_features[~held], y[~held], recipe, done, workers, progress, k,
                         held_photos + extra, runtime,
-                        callbacks=list(callbacks(k, held_photos)) if callbacks else [])
+                        callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
             seconds.append(round(time.perf_counter() - started, 1))
         net, feats = _load_fold(done, backbone, k)
         _predict_missing(net, feats, held_photos + extra, done, runtime)
@@ -274,15 +320,18 @@ def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, trai
 
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
-                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=()) -> None:
+                progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=(),
+                devices: list[str] | None = None) -> None:
     """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
     import keras
 
     keras.utils.set_random_seed(recipe.seed + int(k))
-    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k))
+    devices = training_devices() if devices is None else devices
+    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), devices)
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
-    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)", backbone.name, k, len(photos), recipe.epochs)
+    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)%s", backbone.name, k, len(photos), recipe.epochs,
+             f", each batch split across {len(devices)} devices" if len(devices) > 1 else "")
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
     history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])

@@ -36,7 +36,7 @@ from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
 from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats, is_kept,
-                          training_rate, work_folder)
+                          recipe_for, training_rate, work_folder)
 from stacking.ensemble import CONCAT, PRIOR, Ensemble, fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.stackers import STACKERS
@@ -178,10 +178,11 @@ class FineTuned:
     info: dict = field(default_factory=dict)
 
 
-def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dict, data: TrainingRows,
-                 weights, cache: Path, batch_size: int | None, precision: str,
+def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
+                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str,
                  budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
-    """Each backbone of ``names`` trained once per fold (``oof.finetune``); the warm-up reads its
+    """Each backbone of ``names`` trained once per fold with its own recipe (``oof.finetune``;
+    ``epochs``, when set, overrides the recipes' epoch counts); the warm-up reads its
     frozen GAP features, extracted here if the run's backbones do not include it. Before a
     backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
     backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
@@ -190,6 +191,7 @@ def finetune_all(names: list[str], recipe: Recipe, photos: PhotoSet, loaded: dic
     spent = 0.0
     for name in names:
         backbone = get_backbone(name)
+        recipe = recipe_for(backbone, epochs, seed)
         if backbone.name not in loaded:
             loaded[backbone.name] = load_features(extract(photos, name, weights, cache, batch_size,
                                                           precision=precision))
@@ -347,7 +349,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
     tuned = [get_backbone(b) for b in finetune]
-    if finetune and args.finetune_epochs < 1:
+    if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
     if finetune and args.exclude and not auto:
         raise ValueError("--finetune and --exclude do not combine (the fine-tuned networks "
@@ -467,7 +469,7 @@ def run(args: argparse.Namespace) -> dict:
                    args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
-    tuned = finetune_all(plan.finetune, Recipe(epochs=args.finetune_epochs, seed=args.seed), photos,
+    tuned = finetune_all(plan.finetune, args.finetune_epochs, args.seed, photos,
                          feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
                          args.finetune_budget, plan.finetune_auto)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
@@ -521,8 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-budget", type=float, default=FINETUNE_MINUTES, metavar="MINUTES",
                         help="minutes fine-tuning may take in all; with --finetune auto a backbone "
                              "that would pass it is left out (default: %(default)s)")
-    parser.add_argument("--finetune-epochs", type=int, default=Recipe.epochs,
-                        help="epochs of whole-network training per fold (default: %(default)s)")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="epochs of whole-network training per fold, for every fine-tuned backbone "
+                             "(default: each backbone's recipe, oof.finetune.RECIPES)")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
                              "own ImageNet classifier, on by default where its top weights are at hand)")

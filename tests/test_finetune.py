@@ -263,3 +263,92 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     assert any(m.startswith("efficientnet_lite0 fine-tuning left out") and "0.01-min budget" in m
                for m in said), said
     assert FT not in cv("tight")
+
+
+def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch):
+    """stacking.run takes each backbone's recipe from oof.finetune.RECIPES (Recipe() for one not
+    listed), --finetune-epochs and --seed over it; the report records it, and a recipe of its own
+    gets a work folder of its own (no fold of another recipe is reused)."""
+    from dataclasses import asdict, replace
+
+    root, _ = ft_run
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert report["finetune"]["efficientnet_lite0"]["recipe"] == asdict(
+        replace(finetune.RECIPES["efficientnet_lite0"], epochs=2))
+    assert finetune.recipe_for("resnet50") == finetune.Recipe()
+    own = finetune.Recipe(learning_rate=3e-5, epochs=3)
+    monkeypatch.setitem(finetune.RECIPES, "efficientnet_lite0", own)
+    assert finetune.recipe_for("efficientnet_lite0", seed=7) == replace(own, seed=7)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(backbone, weights, recipe, data, n_extra, frozen, work):
+        seen.append((recipe, work))
+        raise Stop
+
+    monkeypatch.setattr(run_mod, "finetune_estimate", spy)
+    base = ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
+            "--cache", str(root / "cache"), "--finetune", "efficientnet_lite0"]
+    for extra in ([], ["--finetune-epochs", "2"]):
+        with pytest.raises(Stop):
+            run_mod.main([*base, "--out", str(tmp_path / "own"), *extra])
+    assert [r for r, _ in seen] == [own, replace(own, epochs=2)]
+    kept = {w.name for w in (root / "cache" / "finetune").iterdir()}
+    assert not {w.name for _, w in seen} & kept  # ft_run's folds (Lite0's recipe) not reused
+
+
+TWO_DEVICES = """
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from features.data import PhotoReader, load_photos
+from features.extract import load_batch
+from features.models import resolve_weights
+from features.registry import get_backbone
+from oof import finetune
+devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+photos = load_photos(sys.argv[1]).train[::2]
+y = np.array([p.label for p in photos])
+b = get_backbone("efficientnet_lite0")
+weights = resolve_weights(b, "default")
+recipe = finetune.Recipe(batch_size=8, dropout=0.0, flip=False)  # nothing random but the seeded order
+pixels, _ = load_batch(PhotoReader(), photos, b, False)
+for name, on in [("two", devices), ("one", [])]:
+    keras.utils.set_random_seed(recipe.seed)
+    model, fmap = finetune.build_network(b, weights, recipe, (np.zeros(b.feature_dim), 0.0), devices=on)
+    data = finetune.batches(finetune.PhotoBatches(photos, y, b, 8, False, recipe.seed), 1)
+    model.fit(data, epochs=1, verbose=0)
+    var = next(v for v in model.trainable_variables if len(v.shape) == 4)
+    copies = getattr(var.value, "values", [var.value])
+    print(name, "replicas", model.distribute_strategy.num_replicas_in_sync)
+    print(name, "placed", sorted(c.device.rsplit("/", 1)[-1] for c in copies))
+    print(name, "copies_differ", float(np.abs(copies[0].numpy() - copies[-1].numpy()).max()))
+    print(name, "p", model.predict(pixels, verbose=0)[:, 0].tolist())
+"""
+
+
+def test_two_devices_train_one_network_as_one_device_would(small_data):
+    """Kaggle's T4 x2, on two logical CPU devices: the fold network is built once per device,
+    each takes half of every batch, the copies stay identical, and the trained network predicts
+    what the same recipe trained on one device predicts."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(small_data)], capture_output=True,
+                         text=True, timeout=600, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in out.stdout.splitlines()
+            if line.startswith(("two ", "one "))}
+    assert said["two", "replicas"] == "2" and said["one", "replicas"] == "1"
+    assert eval(said["two", "placed"]) == ["device:CPU:0", "device:CPU:1"]
+    assert float(said["two", "copies_differ"]) == 0.0
+    two, one = np.array(eval(said["two", "p"])), np.array(eval(said["one", "p"]))
+    assert np.abs(two - 0.5).max() > 1e-3  # it trained (it started from a zero head: 0.5 everywhere)
+    np.testing.assert_allclose(two, one, atol=1e-5)
