@@ -129,6 +129,19 @@ def run_rows(run: str, data: list[str], cache: str, backbone):
         folds["fold"].to_numpy(), level1
 
 
+def flip_tta(result, train: list, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold P(dog) with flip TTA: each fold network's GAP of a held-out photo averaged
+    with that of its mirror image (as ``--tta`` does for frozen backbones), through its head."""
+    from features.extract import Extractor
+
+    oof = np.full(len(train), np.nan)
+    for k, net in zip(np.unique(fold), result.networks):
+        held = fold == k
+        gap, _ = Extractor(net.entry, net.entry.weights, tta=True).features([p for p, h in zip(train, held) if h])
+        oof[held] = net.head.predict_proba(gap)[:, 1]
+    return oof
+
+
 def stack_lr(columns: dict[str, np.ndarray], y: np.ndarray, fold: np.ndarray) -> float:
     """The run's stack-lr refitted on its folds over the level-1 OOF ``columns``."""
     from sklearn.metrics import log_loss
@@ -157,6 +170,8 @@ def main() -> int:
     parser.add_argument("--recipes", default="epochs=1;epochs=2;epochs=1,learning_rate=3e-4")
     parser.add_argument("--cache", default="cache/finetune_recipe")
     parser.add_argument("--run", help="a stacking.run --out folder: its photos, folds and stack-lr")
+    parser.add_argument("--tta", action="store_true",
+                        help="also score each recipe's fold networks with flip TTA on their held-out photos")
     args = parser.parse_args()
     setup_logging()
     backbone = get_backbone(args.backbone)
@@ -200,6 +215,8 @@ def main() -> int:
             if not np.isnan(p).any():
                 lines.append(row(f"{text}, after epoch {e}", p))
         lines.append(row(text, result.oof, f"{seconds:.0f}"))
+        if args.tta:
+            lines.append(row(f"{text}, flip TTA at test time", flip_tta(result, train, fold)))
         if not np.isnan(per_epoch[-1]).any():  # the in-memory score of the last epoch = the saved network's
             log.info("last epoch in memory vs through the saved network: max |dP| %.2g",
                      np.abs(per_epoch[-1] - result.oof).max())
