@@ -27,7 +27,7 @@ WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight f
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
 FINETUNE = "auto"  # auto: fine-tune every backbone on a GPU (none on a CPU); "none"; or names
-FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: the recipe's)
+FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: each backbone's recipe)
 FINETUNE_BUDGET = None  # minutes fine-tuning may take (None: stacking.run's); auto keeps within it
 # --- end settings ---
 
