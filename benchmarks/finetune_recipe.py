@@ -113,18 +113,18 @@ def run_rows(run: str, data: list[str], cache: str, backbone):
     from features.data import load_photos
     from features.extract import extract
     from stacking.run import rows
+    from stacking.stackers import STACKERS
 
     report = json.loads((Path(run) / "report.json").read_text())
     folds = pd.read_csv(Path(run) / "folds.csv", dtype={"id": str})
     photos = load_photos(data)
     by_id = {p.id: p for p in photos.train}
     train = [by_id[i] for i in folds["id"]]
-    f = load_features(extract(photos, backbone, cache_dir=cache, progress=False,
-                              precision=report["backbone_details"][0]["precision"]))
-    stackers = {"average", "stack-lr", "stack-lgbm"}
+    precision = {d["name"]: d["precision"] for d in report["backbone_details"]}.get(backbone.name, "float32")
+    f = load_features(extract(photos, backbone, cache_dir=cache, progress=False, precision=precision))
     level1 = {name: pd.read_csv(Path(run) / "oof" / (name.replace("/", "__") + ".csv"), dtype={"id": str})
               .set_index("id").loc[folds["id"], "pred"].to_numpy()
-              for name in report["cv"] if name not in stackers}
+              for name in report["cv"] if name not in STACKERS}
     return train, rows({backbone.name: f}, list(folds["id"]), "train")[backbone.name], \
         folds["fold"].to_numpy(), level1
 
@@ -159,7 +159,7 @@ def main() -> int:
     from features.models import resolve_weights, weights_identity
     from features.registry import get_backbone
     from oof.crossfit import cross_fit
-    from oof.finetune import Recipe, finetune_folds, work_folder
+    from oof.finetune import FINETUNED, Recipe, finetune_folds, work_folder
     from oof.heads import KerasHead, LogisticHead
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -178,8 +178,8 @@ def main() -> int:
     train, warm, fold, level1 = (run_rows(args.run, args.data, args.cache, backbone) if args.run
                                  else sample_rows(args.photos, args.data, args.cache, backbone))
     ids, y = [p.id for p in train], np.array([p.label for p in train])
-    column = f"{backbone.name}/finetuned"
-    rest = {k: v for k, v in (level1 or {}).items() if not k.endswith("/finetuned")}  # frozen models only
+    column = f"{backbone.name}/{FINETUNED}"
+    rest = {k: v for k, v in (level1 or {}).items() if not k.endswith(f"/{FINETUNED}")}  # frozen models only
 
     def row(name: str, p: np.ndarray, seconds: str = "", judged: bool = True) -> str:
         judge = (f" {stack_lr({**rest, column: p}, y, fold):.4f} |" if judged else " |") if level1 else ""
