@@ -4,6 +4,7 @@
     python tools/kaggle_compat.py --tensorflow 2.21.0 --keras 3.15.1     # the newest
     python tools/kaggle_compat.py ... [--train 200 --test 100] [--python python3.12] [--record FILE]
     python tools/kaggle_compat.py ... --notebook     # pasted as one cell in a real Jupyter kernel
+    python tools/kaggle_compat.py ... --finetune efficientnet_lite2   # fine-tune, as on a GPU
 
 A Kaggle notebook has Keras 3 on TensorFlow 2.18-2.21 and Python 3.12, and no onnxruntime,
 tf2onnx or simplejpeg. This makes (or reuses) a virtual environment with exactly the pinned
@@ -141,6 +142,8 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=None, help="test photos (default: all)")
     parser.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--finetune", default="auto",
+                        help="the kernel's FINETUNE: auto (none on a CPU), none, or backbones to fine-tune")
     parser.add_argument("--record", default=None, help="append the result as one JSON line to this file")
     parser.add_argument("--notebook", action="store_true",
                         help="run kernel.py pasted as the one cell of a notebook in a real Jupyter kernel")
@@ -162,11 +165,11 @@ def main() -> int:
     if args.notebook:
         (notebook / "cell.py").write_text(edit_settings(
             (REPO / "kernel.py").read_text(), INPUT=str(root), OUT=str(notebook / "out"),
-            BACKBONES=args.backbones, FOLDS=args.folds))
+            BACKBONES=args.backbones, FOLDS=args.folds, FINETUNE=args.finetune))
         command = [str(exe), "-c", NOTEBOOK_DRIVER]
     else:
         command = [str(exe), "kernel.py", "--input", str(root), "--out", str(notebook / "out"),
-                   "--backbones", args.backbones, "--folds", str(args.folds)]
+                   "--backbones", args.backbones, "--folds", str(args.folds), "--finetune", args.finetune]
     out = subprocess.run(command, cwd=notebook, capture_output=True, text=True)
     seconds = time.time() - started
     (work / "kernel.log").write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
