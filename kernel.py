@@ -94,10 +94,15 @@ def shared_dir() -> Path:
     env = os.environ.get("GAPSTACK_SHARED")
     if env:
         return Path(env)
-    # kernel.py pasted into a notebook cell has no __file__: its checkout is the working folder.
+    # The checkout is the nearest folder, from this file's (features/, or the checkout itself for
+    # kernel.py run as a file) upwards, with shared/ beside it; kernel.py pasted into a notebook
+    # cell has no __file__, so the search starts at the working folder.
     here = globals().get("__file__")
-    checkout = Path(here).resolve().parent.parent if here else Path.cwd()
-    return checkout.parent / "shared"
+    start = Path(here).resolve().parent if here else Path.cwd().resolve()
+    for folder in (start, *start.parents):
+        if (folder.parent / "shared").is_dir():
+            return folder.parent / "shared"
+    return start.parent / "shared"
 
 
 def default_data_dirs() -> list[Path]:
@@ -1006,8 +1011,27 @@ class StaleCacheError(RuntimeError):
     """A cache exists for this backbone but was made differently from what is asked."""
 
 
-def cache_path(cache_dir: str | Path, backbone_name: str) -> Path:
-    return Path(cache_dir) / f"gap_{backbone_name}.h5"
+def set_folder(cache_dir: str | Path, photos) -> Path:
+    """The folder of one photo set's caches: ``CACHE/<data folders>-<fingerprint>/``. Caches of
+    different photo sets (the sample, the full data, one's own photos) live side by side, so a run
+    on other photos never finds a cache "made differently", nor replaces another set's."""
+    names = re.sub(r"[^\w.+-]", "_", "+".join(Path(s).name for s in photos.sources) or "photos")
+    return Path(cache_dir) / f"{names[:60]}-{photos.fingerprint()[:10]}"
+
+
+def cache_path(cache_dir: str | Path, backbone_name: str, photos=None) -> Path:
+    """``gap_<backbone>.h5``: of the photo set ``photos`` (a ``PhotoSet``) in its own folder, or
+    directly in ``cache_dir`` without one (as shards are merged, or as before caches had folders:
+    such a cache made from the same photos is still used where it is)."""
+    flat = Path(cache_dir) / f"gap_{backbone_name}.h5"
+    if photos is None:
+        return flat
+    try:
+        if flat.is_file() and read_attrs(flat).get("data_fingerprint") == photos.fingerprint():
+            return flat
+    except OSError:
+        pass
+    return set_folder(cache_dir, photos) / flat.name
 
 
 def recipe_differences(stored: dict, wanted: dict) -> list[str]:
@@ -1114,12 +1138,16 @@ def add_imagenet(path: Path, top: ImageNetTop) -> None:
 class Journal:
     """Finished chunks of an extraction in progress, each an atomically written ``.npz``."""
 
-    def __init__(self, folder: Path, recipe: dict):
+    def __init__(self, folder: Path, recipe: dict, graph: bytes | None = None):
+        """``recipe``: the cache's; ``graph``: the int8 graph computing the chunks, whose md5 is
+        part of what the chunks must share (a graph quantized anew, on another machine or
+        ONNX Runtime, gives other features for the same settings)."""
         self.folder = folder
+        recipe = dict(recipe, int8_graph_md5=hashlib.md5(graph).hexdigest() if graph else None)
         recipe_file = folder / "recipe.json"
         if folder.exists():
             stored = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
-            if recipe_differences(stored, recipe):
+            if json.dumps(stored, sort_keys=True) != json.dumps(recipe, sort_keys=True):
                 shutil.rmtree(folder)  # unfinished work for another request: start afresh
         folder.mkdir(parents=True, exist_ok=True)
         if not recipe_file.exists():
@@ -1255,8 +1283,17 @@ def shard_path(cache_dir: str | Path, backbone_name: str, shard: tuple[int, int]
 
 
 def shard_files(cache_dir: str | Path, backbone_name: str) -> list[Path]:
+    """The backbone's shard files in ``cache_dir`` or in its photo sets' folders (one set's)."""
     base = cache_path(cache_dir, backbone_name)
-    return sorted(base.parent.glob(f"{base.stem}.shard-*-of-*.h5"))
+    for pattern in (f"{base.stem}.shard-*-of-*.h5", f"*/{base.stem}.shard-*-of-*.h5"):
+        found = sorted(base.parent.glob(pattern))
+        if found:
+            folders = {f.parent for f in found}
+            if len(folders) > 1:
+                raise ValueError(f"shard files of {backbone_name} for several photo sets: "
+                                 f"{', '.join(sorted(map(str, folders)))}; name one with --cache")
+            return found
+    return []
 
 
 def owner(global_index: int, n_shards: int) -> int:
@@ -1831,23 +1868,31 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
 
 def settled_precision(requested: str, chosen: str, path: Path, recipe_in) -> str:
     """The precision to extract in: ``chosen``, except that "auto" takes a cache already made in
-    float32 (before "auto" chose otherwise here, or on another machine) as it is, rather than
-    refusing it as stale. ``recipe_in(precision)``: the recipe asked for in that precision."""
-    if requested != "auto" or chosen == "float32" or not path.exists():
+    any precision (before "auto" chose otherwise here, on another machine, or without tf2onnx) as
+    it is, rather than refusing it as stale. ``recipe_in(precision)``: the recipe asked for in
+    that precision. Decide it again under the cache's lock: another process may have just made it."""
+    if requested != "auto" or not path.exists():
         return chosen
     try:
         stored = read_attrs(path)
     except OSError:
         return chosen
-    return "float32" if not recipe_differences(stored, recipe_in("float32")) else chosen
+    made = stored.get("precision", "float32")
+    return made if made in PRECISIONS and not recipe_differences(stored, recipe_in(made)) else chosen
 
 
-def check_precision(precision: str, runtime: str) -> None:
-    """int8 runs on ONNX Runtime on a CPU only: say so before any work, naming what is missing."""
+def check_precision(precision: str, runtime: str, graph_at_hand: bool = False) -> None:
+    """int8 runs on ONNX Runtime: say so before any work, naming what is missing. Making int8
+    features (quantizing) needs the TensorFlow backend on a CPU and tf2onnx; running a graph
+    already made (``graph_at_hand``: a saved ensemble's) needs only onnxruntime, on any machine."""
     if precision != "int8":
         return
     if runtime == "keras":
         raise ValueError("--precision int8 runs on ONNX Runtime, not with --runtime keras")
+    if graph_at_hand:
+        if not importlib.util.find_spec("onnxruntime"):
+            raise ValueError("this model's int8 features run on ONNX Runtime: pip install onnxruntime")
+        return
     if not onnx_available():
         raise ValueError("--precision int8 needs ONNX Runtime on a CPU: the TensorFlow backend, no GPU, and "
                          "the onnxruntime and tf2onnx packages (pip install onnxruntime tf2onnx)")
@@ -1994,17 +2039,19 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     check_precision(precision, runtime)
     if shard is not None and precision == "int8":
         raise ValueError("--shard extracts in float32 only (each shard would calibrate its own int8 graph)")
-    path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
+    path = (cache_path(cache_dir, backbone.name, photos) if shard is None
+            else shard_path(set_folder(cache_dir, photos), backbone.name, shard))
     recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, fast_decode, tta)
-    precision = settled_precision(requested, precision, path, recipe_in)
-    recipe = recipe_in(precision)
+    recipe = recipe_in(settled_precision(requested, precision, path, recipe_in))
     if not _reusable(path, recipe, overwrite):
         path.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(path, log):
             # Another process may have made it while we waited for the lock.
+            recipe = recipe_in(settled_precision(requested, precision, path, recipe_in))
             if not _reusable(path, recipe, overwrite):
                 _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                         fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+                         fast_decode, tta, progress, runtime, shard, engine, ray_address,
+                         recipe["precision"])
     if imagenet and shard is None:
         add_top(path, backbone, resolved)
     return path
@@ -2052,7 +2099,8 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
              progress: bool, runtime: str, shard, engine: str, ray_address: str | None,
              precision: str) -> None:
     """The extraction itself, under the cache's lock: journal the pending chunks, then assemble."""
-    journal = Journal(path.with_name(path.name + ".partial"), recipe)
+    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
+    journal = Journal(path.with_name(path.name + ".partial"), recipe, graph)
     every = plan_chunks(photos, chunk_size)
     chunks = _chunk_counts(every)
     tasks = every if shard is None else [t for g, t in enumerate(every) if owner(g, shard[1]) == shard[0]]
@@ -2061,7 +2109,6 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     run = {"runtime": "none (all chunks journalled)"}
-    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
@@ -2106,23 +2153,24 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
     the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
     Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
     makes (tested). Returns {backbone name: path}."""
-    entries = []
     chosen = choose_precision(precision, len(photos.train) + len(photos.test), runtime)
-    for b in backbones:
+    check_precision(chosen, runtime)
+
+    def entry(b):
         backbone = get_backbone(b) if isinstance(b, str) else b
         resolved = resolve_weights(backbone, weights)
-        path = cache_path(cache_dir, backbone.name)
+        path = cache_path(cache_dir, backbone.name, photos)
         recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, False, tta)
-        recipe = recipe_in(settled_precision(precision, chosen, path, recipe_in))
-        entries.append((backbone, resolved, recipe, path))
-    check_precision(chosen, runtime)
+        return backbone, resolved, recipe_in(settled_precision(precision, chosen, path, recipe_in)), path
+
+    entries = [entry(b) for b in backbones]
     todo = [e for e in entries if not _reusable(e[3], e[2], overwrite)]
     if len(todo) > 1:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         with ExitStack() as locks:
-            for entry in sorted(todo, key=lambda e: str(e[3])):  # one order: no deadlock
-                locks.enter_context(extraction_lock(entry[3], log))
-            todo = [e for e in todo if not _reusable(e[3], e[2], overwrite)]
+            for e in sorted(todo, key=lambda e: str(e[3])):  # one order: no deadlock
+                e[3].parent.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(extraction_lock(e[3], log))
+            todo = [e for e in map(entry, (e[0] for e in todo)) if not _reusable(e[3], e[2], overwrite)]
             if todo:
                 _extract_together(photos, todo, batch_size, workers, chunk_size, tta, progress, runtime)
     # What is left (one backbone, or none) goes the usual way; made caches are found fresh.
@@ -2136,10 +2184,10 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
                       chunk_size: int, tta: bool, progress: bool, runtime: str) -> None:
     """Chunk by chunk, every backbone of ``todo`` over the same decoded photos; then each cache."""
     every = plan_chunks(photos, chunk_size)
-    journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe)
-                for b, _, recipe, path in todo}
     int8 = {b.name: quantized_graph(b, resolved, photos.train) if recipe["precision"] == "int8" else (None, None)
             for b, resolved, recipe, _ in todo}
+    journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe, int8[b.name][0])
+                for b, _, recipe, path in todo}
     extractors = {b.name: Extractor(b, resolved, runtime, batch_size, workers, False, tta,
                                     precision=recipe["precision"], graph=int8[b.name][0])
                   for b, resolved, recipe, _ in todo}
@@ -2197,14 +2245,15 @@ class Extractor:
         ONNX Runtime path is checked against float32 Keras), or "int8": ONNX Runtime runs
         ``graph``, the backbone's quantized graph (``quantized_graph``)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
-        self.weights = resolve_weights(self.backbone, weights)
         self.precision = precision
-        if precision == "int8":
+        if precision == "int8":  # the graph is the whole network: no float weights, no Keras
             if graph is None:
                 raise ValueError(f"{self.backbone.name}: int8 needs its quantized graph")
-            check_precision(precision, runtime)
+            check_precision(precision, runtime, graph_at_hand=True)
+            self.weights = None
             self.run = OnnxForward(None, streams=streams or STREAMS, graph=graph)
         else:
+            self.weights = resolve_weights(self.backbone, weights)
             model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
             if precision != "float32" and runtime != "keras":
                 if runtime == "onnx":
@@ -2922,12 +2971,14 @@ class FinetuneResult:
                         inputs=[n.entry.name for n in self.networks])
 
 
-def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train_ids,
+def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train: list[Photo],
                 labels, fold: np.ndarray) -> Path:
     """Where this fine-tuning keeps its finished folds: named by everything that determines them
-    (backbone, weights, recipe, photos, labels, folds), so a resumed run finds exactly its own."""
-    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), list(map(str, train_ids)),
-                                     np.asarray(labels).tolist(), np.asarray(fold).tolist()]).encode())
+    (backbone, weights, recipe, the photos and their contents' sizes, as the feature cache's
+    fingerprint has them, labels, folds), so a resumed run finds exactly its own."""
+    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), [p.id for p in train],
+                                     [p.size for p in train], np.asarray(labels).tolist(),
+                                     np.asarray(fold).tolist()]).encode())
     return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
 
 
@@ -2950,17 +3001,21 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
         held = fold == k
         done = work / f"fold{k}"
         held_photos = [p for p, h in zip(train, held) if h]
-        if is_kept(done):
-            log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
-        else:
-            started = time.perf_counter()
-            _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
-                        warm_features[~held], y[~held], recipe, done, workers, progress, k,
-                        held_photos + extra, runtime,
-                        callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
-            seconds.append(round(time.perf_counter() - started, 1))
-        net, feats = _load_fold(done, backbone, k)
-        _predict_missing(net, feats, held_photos + extra, done, runtime)
+        # One process trains a fold at a time: a second one (another notebook, another terminal
+        # on the same cache) waits for it, then reuses the fold it kept.
+        with extraction_lock(done, log):
+            if is_kept(done):
+                log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
+            else:
+                started = time.perf_counter()
+                _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
+                            warm_features[~held], y[~held], recipe, done, workers, progress, k,
+                            held_photos + extra, runtime,
+                            callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
+                seconds.append(round(time.perf_counter() - started, 1))
+            net, kept = _load_fold(done, backbone, k)
+            _predict_missing(net, kept, held_photos + extra, done, runtime)
+        feats = {p.id: kept[(p.id, p.size)] for p in held_photos + extra}
         networks.append(net)
         features[net.entry.name] = feats
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
@@ -3022,7 +3077,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
-    tmp = done.with_name(done.name + ".tmp")
+    tmp = done.with_name(f"{done.name}.tmp{os.getpid()}")  # this process's own
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fmap.save(tmp / "network.keras")
@@ -3030,7 +3085,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     # Predict through the saved file, exactly as stacking.predict will.
     entry = _entry(backbone, tmp / "network.keras", k)
     gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
-    _save_features(tmp, [p.id for p in predict], gap)
+    _save_features(tmp, predict, gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
             "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
@@ -3076,34 +3131,37 @@ def _entry(backbone: Backbone, path: Path, k) -> Backbone:
                     backbone.feature_dim, str(path), path.name, resize=backbone.resize)
 
 
-def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str, np.ndarray]]:
+def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[tuple[str, int], np.ndarray]]:
     info = json.loads((done / "fold.json").read_text())
     with np.load(done / "features.npz") as z:
-        feats = dict(zip(z["ids"].tolist(), z["gap"]))
+        feats = {(i, int(n)): g for i, n, g in zip(z["ids"].tolist(), z["sizes"], z["gap"])}
     head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
     head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
     return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
 
 
-def _predict_missing(net: FoldNetwork, feats: dict[str, np.ndarray], photos: list[Photo], done: Path,
+def _predict_missing(net: FoldNetwork, feats: dict[tuple[str, int], np.ndarray], photos: list[Photo], done: Path,
                      runtime: str) -> None:
     """A kept fold knows the photos of the run that trained it; photos this run needs beyond those
     (other test or held-out photos) are predicted by its saved network now and kept with the rest,
     never left without features (the ensemble would give them 0.5)."""
-    missing = list({p.id: p for p in photos if p.id not in feats}.values())
+    missing = list({p.id: p for p in photos if (p.id, p.size) not in feats}.values())
     if not missing:
         return
-    log.info("%s: %d photos this fold has not seen yet, predicted with its saved network",
-             net.entry.name, len(missing))
+    log.info("%s: %d photos this fold has not seen yet (or that changed), predicted with its saved "
+             "network", net.entry.name, len(missing))
     gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
-    feats.update(zip([p.id for p in missing], gap))
-    _save_features(done, list(feats), np.stack(list(feats.values())))
+    feats.update(zip([(p.id, p.size) for p in missing], gap))
+    keys = list(feats)
+    _save_features(done, [Photo(i, -1, "", size=n) for i, n in keys], np.stack([feats[k] for k in keys]))
 
 
-def _save_features(folder: Path, ids: list[str], gap: np.ndarray) -> None:
-    """A fold network's GAP rows by photo id, ``folder/features.npz`` (replaced atomically)."""
-    tmp = folder / "features.tmp.npz"
-    np.savez(tmp, ids=np.array(ids, dtype=str), gap=gap)
+def _save_features(folder: Path, photos: list[Photo], gap: np.ndarray) -> None:
+    """A fold network's GAP rows by photo (id and size: a photo that changed is predicted anew),
+    ``folder/features.npz``, replaced atomically through a file of this process's own."""
+    tmp = folder / f"features.tmp{os.getpid()}.npz"
+    np.savez(tmp, ids=np.array([p.id for p in photos], dtype=str), sizes=np.array([p.size for p in photos]),
+             gap=gap)
     tmp.replace(folder / "features.npz")
 
 
@@ -3509,6 +3567,18 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
     return Ensemble(backbones, level1, concat, level2), oof
 
 
+def int8_graph(backbone: dict) -> bytes | None:
+    """The quantized graph a saved int8 backbone made its features with (None for float ones)."""
+    if backbone.get("precision") != "int8":
+        return None
+    path = Path(backbone["int8_graph"])
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: the int8 graph of {backbone['name']} is missing from the saved "
+                                f"model ({exc.strerror or exc})") from None
+
+
 # ==================== stacking/report.py ====================
 # The run's report: every model's scores side by side (Markdown + JSON) and plots.
 
@@ -3884,16 +3954,12 @@ class FineTuned:
 
 
 def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
-                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str,
-                 budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
-    """Each backbone of ``names`` trained once per fold with its own recipe (``oof.finetune``;
-    ``epochs``, when set, overrides the recipes' epoch counts); the warm-up reads its
-    frozen GAP features, extracted here if the run's backbones do not include it. Before a
-    backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
-    backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
+                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+    """Each backbone of ``names`` (as ``plan_finetune`` kept them) trained once per fold with its
+    own recipe (``oof.finetune``; ``epochs``, when set, overrides the recipes' epoch counts); the
+    warm-up reads its frozen GAP features, extracted here if the run's backbones do not include it."""
     tuned = FineTuned()
     extra = data.held + photos.test
-    spent = 0.0
     for name in names:
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, epochs, seed)
@@ -3903,19 +3969,7 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         warm = rows({backbone.name: loaded[backbone.name]}, data.ids, "train")[backbone.name]
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
-                           data.ids, data.y, data.fold)
-        seconds = finetune_estimate(backbone, weights, recipe, data, len(extra), loaded[backbone.name], work)
-        if seconds:
-            over = budget_minutes is not None and spent + seconds > budget_minutes * 60
-            if over and auto:
-                log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
-                            "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
-                            backbone.name, (spent + seconds) / 60, budget_minutes)
-                continue
-            if over:
-                log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
-                            "going on, since it was asked for by name", backbone.name, budget_minutes)
-            spent += seconds
+                           data.train, data.y, data.fold)
         result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
@@ -3926,6 +3980,43 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         tuned.info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
                                      "seconds_this_run": result.seconds}
     return tuned
+
+
+def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> list[str]:
+    """The backbones fine-tuning will train, settled before any photo is decoded: each one's time
+    is said first (throughput measured here on a few steps), and with ``--finetune auto`` one that
+    would take the run past ``--finetune-budget`` minutes is left out now, not after extraction.
+    The rows and folds are the ones the run will have if every photo reads (as nearly always)."""
+    if not plan.finetune:
+        return []
+    held = holdout_ids(photos, args.holdout, args.seed)
+    train = [p for p in photos.train if p.id not in held]
+    ids, y = [p.id for p in train], np.array([p.label for p in train])
+    folds = (load_folds(args.folds_file, ids) if args.folds_file else make_folds(ids, y, args.folds, args.seed))
+    data = TrainingRows(train, [p for p in photos.train if p.id in held], ids, y, {},
+                        align_folds(folds, ids)["fold"].to_numpy())
+    n_extra, cache, budget = len(data.held) + len(photos.test), Path(args.cache), args.finetune_budget
+    kept, spent = [], 0.0
+    for name in plan.finetune:
+        backbone = get_backbone(name)
+        recipe = recipe_for(backbone, args.finetune_epochs, args.seed)
+        resolved = resolve_weights(backbone, args.weights)
+        work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe, train, y, data.fold)
+        frozen = cache_path(cache, backbone.name, photos)
+        seconds = finetune_estimate(backbone, args.weights, recipe, data, n_extra,
+                                    read_attrs(frozen) if frozen.is_file() else {}, work)
+        over = budget is not None and seconds and spent + seconds > budget * 60
+        if over and plan.finetune_auto:
+            log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
+                        "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
+                        backbone.name, (spent + seconds) / 60, budget)
+            continue
+        if over:
+            log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
+                        "going on, since it was asked for by name", backbone.name, budget)
+        spent += seconds
+        kept.append(name)
+    return kept
 
 
 def read_exclusions(path: str | Path) -> set[str]:
@@ -3978,18 +4069,18 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
-def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen,
+def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
-    extraction speed from its cache where that was float32, as fold networks predict (else three
-    times training's)."""
+    extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
+    float32, as fold networks predict (else three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)
-    run = frozen.attrs.get("last_run") or {}
+    run = frozen.get("last_run") or {}
     same = run.get("seconds") and run.get("precision", "float32") == "float32"
     predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
@@ -4024,6 +4115,9 @@ def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bo
         if not gpu:
             log.info("fine-tuning: off without a GPU (hours on a CPU); --finetune %s turns it on and "
                      "says first how long it will take", backbones[0] if backbones else "BACKBONE")
+        elif exclude:
+            log.info("fine-tuning: off with --exclude (the fold networks would have to be trained "
+                     "twice, with and without the excluded photos)")
         return list(backbones) if gpu and not exclude else []
     return [] if requested.strip() == "none" else _names(requested)
 
@@ -4067,12 +4161,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    if args.submit_with:
-        models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned,
-                                not args.no_concat)
-        if args.submit_with not in models:
-            raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have: "
-                           + ", ".join(models))
+    check_submit_with(args, entries, heads, tuned)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -4082,6 +4171,31 @@ def check_args(args: argparse.Namespace) -> Plan:
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     return Plan(backbones, heads, finetune, auto)
+
+
+def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: list[str],
+                      tuned: list[Backbone], why: str = "") -> None:
+    """``--submit-with`` must name a model this run will have (``why``: what changed the plan)."""
+    if not args.submit_with:
+        return
+    models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned, not args.no_concat)
+    if args.submit_with not in models:
+        raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have{why}: "
+                       + ", ".join(models))
+
+
+def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None) -> None:
+    """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
+    or a class with fewer training photos than folds."""
+    held = holdout_ids(photos, holdout) if holdout and len({p.label for p in photos.train}) > 1 else set()
+    counts = pd.Series([p.label for p in photos.train if p.id not in held]).value_counts()
+    where = ", ".join(photos.sources)
+    if len(counts) < 2:
+        raise DataError(f"{where}: the training photos are all of one class "
+                        f"({CLASSES[int(counts.index[0])] if len(counts) else 'none'}); a classifier needs both")
+    if n_folds and counts.min() < n_folds:
+        raise DataError(f"{where}: {CLASSES[int(counts.idxmin())]} has {counts.min()} training photos, "
+                        f"fewer than the {n_folds} folds")
 
 
 @dataclass
@@ -4170,13 +4284,17 @@ def run(args: argparse.Namespace) -> dict:
     plan = check_args(args)
     out = Path(args.out)
     photos = load_photos(args.data)
+    check_training_set(photos, args.holdout, None if args.folds_file else args.folds)
+    finetune = plan_finetune(plan, photos, args)
+    if finetune != plan.finetune:
+        check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
+                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
                    args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
-    tuned = finetune_all(plan.finetune, args.finetune_epochs, args.seed, photos,
-                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
-                         args.finetune_budget, plan.finetune_auto)
+    tuned = finetune_all(finetune, args.finetune_epochs, args.seed, photos, feats.loaded, data,
+                         args.weights, Path(args.cache), args.batch_size, args.precision)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))

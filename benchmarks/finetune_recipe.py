@@ -201,7 +201,7 @@ def main() -> int:
     for text in args.recipes.split(";"):
         recipe = replace(Recipe(), **parse_recipe(text))
         work = work_folder(Path(args.cache) / "finetune", backbone,
-                           weights_identity(resolve_weights(backbone, "default")), recipe, ids, y, fold)
+                           weights_identity(resolve_weights(backbone, "default")), recipe, train, y, fold)
         started = time.time()
         result = finetune_folds(backbone, "default", train, y, fold, warm, [], work, recipe,
                                 callbacks=epoch_scores(work, backbone))

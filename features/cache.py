@@ -19,8 +19,10 @@ either is complete or does not exist.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -50,8 +52,27 @@ class StaleCacheError(RuntimeError):
     """A cache exists for this backbone but was made differently from what is asked."""
 
 
-def cache_path(cache_dir: str | Path, backbone_name: str) -> Path:
-    return Path(cache_dir) / f"gap_{backbone_name}.h5"
+def set_folder(cache_dir: str | Path, photos) -> Path:
+    """The folder of one photo set's caches: ``CACHE/<data folders>-<fingerprint>/``. Caches of
+    different photo sets (the sample, the full data, one's own photos) live side by side, so a run
+    on other photos never finds a cache "made differently", nor replaces another set's."""
+    names = re.sub(r"[^\w.+-]", "_", "+".join(Path(s).name for s in photos.sources) or "photos")
+    return Path(cache_dir) / f"{names[:60]}-{photos.fingerprint()[:10]}"
+
+
+def cache_path(cache_dir: str | Path, backbone_name: str, photos=None) -> Path:
+    """``gap_<backbone>.h5``: of the photo set ``photos`` (a ``PhotoSet``) in its own folder, or
+    directly in ``cache_dir`` without one (as shards are merged, or as before caches had folders:
+    such a cache made from the same photos is still used where it is)."""
+    flat = Path(cache_dir) / f"gap_{backbone_name}.h5"
+    if photos is None:
+        return flat
+    try:
+        if flat.is_file() and read_attrs(flat).get("data_fingerprint") == photos.fingerprint():
+            return flat
+    except OSError:
+        pass
+    return set_folder(cache_dir, photos) / flat.name
 
 
 def recipe_differences(stored: dict, wanted: dict) -> list[str]:
@@ -158,12 +179,16 @@ def add_imagenet(path: Path, top: ImageNetTop) -> None:
 class Journal:
     """Finished chunks of an extraction in progress, each an atomically written ``.npz``."""
 
-    def __init__(self, folder: Path, recipe: dict):
+    def __init__(self, folder: Path, recipe: dict, graph: bytes | None = None):
+        """``recipe``: the cache's; ``graph``: the int8 graph computing the chunks, whose md5 is
+        part of what the chunks must share (a graph quantized anew, on another machine or
+        ONNX Runtime, gives other features for the same settings)."""
         self.folder = folder
+        recipe = dict(recipe, int8_graph_md5=hashlib.md5(graph).hexdigest() if graph else None)
         recipe_file = folder / "recipe.json"
         if folder.exists():
             stored = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
-            if recipe_differences(stored, recipe):
+            if json.dumps(stored, sort_keys=True) != json.dumps(recipe, sort_keys=True):
                 shutil.rmtree(folder)  # unfinished work for another request: start afresh
         folder.mkdir(parents=True, exist_ok=True)
         if not recipe_file.exists():

@@ -171,7 +171,7 @@ def from_cache(photos: PhotoSet, model_path: Path, cache_dir: Path | None):
 
     if cache_dir is None:
         return None
-    path = cache_path(cache_dir, model_path.stem.replace("_top", ""))
+    path = cache_path(cache_dir, model_path.stem.replace("_top", ""), photos)
     if not path.is_file() or cached_top(path) != weights_identity(model_path):
         return None
     f = load_features(path)
@@ -340,3 +340,12 @@ def report_outliers(photos: PhotoSet, table: pd.DataFrame, gap: np.ndarray, prob
     if top:
         contact_sheet(photos.train, ranked.head(top), out / f"top_{top}.png", limit=top)
     return result
+
+
+if __name__ == "__main__":  # the command moved up a layer; say so rather than exit 0 doing nothing
+    import sys
+
+    print("error: the cleaning command is now `python -m oof.clean` (same arguments: "
+          f"python -m oof.clean {' '.join(sys.argv[1:])}); features.clean holds only its detectors",
+          file=sys.stderr)
+    sys.exit(2)

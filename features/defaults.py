@@ -33,10 +33,15 @@ def shared_dir() -> Path:
     env = os.environ.get("GAPSTACK_SHARED")
     if env:
         return Path(env)
-    # kernel.py pasted into a notebook cell has no __file__: its checkout is the working folder.
+    # The checkout is the nearest folder, from this file's (features/, or the checkout itself for
+    # kernel.py run as a file) upwards, with shared/ beside it; kernel.py pasted into a notebook
+    # cell has no __file__, so the search starts at the working folder.
     here = globals().get("__file__")
-    checkout = Path(here).resolve().parent.parent if here else Path.cwd()
-    return checkout.parent / "shared"
+    start = Path(here).resolve().parent if here else Path.cwd().resolve()
+    for folder in (start, *start.parents):
+        if (folder.parent / "shared").is_dir():
+            return folder.parent / "shared"
+    return start.parent / "shared"
 
 
 def default_data_dirs() -> list[Path]:

@@ -30,7 +30,7 @@ import numpy as np
 from features import __version__
 from features.cache import (FEATURE_FORMAT, Journal, StaleCacheError, add_imagenet, assemble,
                             cache_path, cached_top, check_fresh, extraction_lock, read_attrs,
-                            recipe_differences)
+                            recipe_differences, set_folder)
 from features.data import Photo, PhotoReader, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, STREAMS, WORKERS, default_data_dirs
 from features.images import ImageError, decode_rgb, load_for_backbone, resize
@@ -74,23 +74,31 @@ def make_recipe(backbone: Backbone, weights_id: str, photos: PhotoSet, fast_deco
 
 def settled_precision(requested: str, chosen: str, path: Path, recipe_in) -> str:
     """The precision to extract in: ``chosen``, except that "auto" takes a cache already made in
-    float32 (before "auto" chose otherwise here, or on another machine) as it is, rather than
-    refusing it as stale. ``recipe_in(precision)``: the recipe asked for in that precision."""
-    if requested != "auto" or chosen == "float32" or not path.exists():
+    any precision (before "auto" chose otherwise here, on another machine, or without tf2onnx) as
+    it is, rather than refusing it as stale. ``recipe_in(precision)``: the recipe asked for in
+    that precision. Decide it again under the cache's lock: another process may have just made it."""
+    if requested != "auto" or not path.exists():
         return chosen
     try:
         stored = read_attrs(path)
     except OSError:
         return chosen
-    return "float32" if not recipe_differences(stored, recipe_in("float32")) else chosen
+    made = stored.get("precision", "float32")
+    return made if made in PRECISIONS and not recipe_differences(stored, recipe_in(made)) else chosen
 
 
-def check_precision(precision: str, runtime: str) -> None:
-    """int8 runs on ONNX Runtime on a CPU only: say so before any work, naming what is missing."""
+def check_precision(precision: str, runtime: str, graph_at_hand: bool = False) -> None:
+    """int8 runs on ONNX Runtime: say so before any work, naming what is missing. Making int8
+    features (quantizing) needs the TensorFlow backend on a CPU and tf2onnx; running a graph
+    already made (``graph_at_hand``: a saved ensemble's) needs only onnxruntime, on any machine."""
     if precision != "int8":
         return
     if runtime == "keras":
         raise ValueError("--precision int8 runs on ONNX Runtime, not with --runtime keras")
+    if graph_at_hand:
+        if not importlib.util.find_spec("onnxruntime"):
+            raise ValueError("this model's int8 features run on ONNX Runtime: pip install onnxruntime")
+        return
     if not onnx_available():
         raise ValueError("--precision int8 needs ONNX Runtime on a CPU: the TensorFlow backend, no GPU, and "
                          "the onnxruntime and tf2onnx packages (pip install onnxruntime tf2onnx)")
@@ -237,17 +245,19 @@ def extract(photos: PhotoSet, backbone: Backbone | str, weights="default",
     check_precision(precision, runtime)
     if shard is not None and precision == "int8":
         raise ValueError("--shard extracts in float32 only (each shard would calibrate its own int8 graph)")
-    path = cache_path(cache_dir, backbone.name) if shard is None else shard_path(cache_dir, backbone.name, shard)
+    path = (cache_path(cache_dir, backbone.name, photos) if shard is None
+            else shard_path(set_folder(cache_dir, photos), backbone.name, shard))
     recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, fast_decode, tta)
-    precision = settled_precision(requested, precision, path, recipe_in)
-    recipe = recipe_in(precision)
+    recipe = recipe_in(settled_precision(requested, precision, path, recipe_in))
     if not _reusable(path, recipe, overwrite):
         path.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(path, log):
             # Another process may have made it while we waited for the lock.
+            recipe = recipe_in(settled_precision(requested, precision, path, recipe_in))
             if not _reusable(path, recipe, overwrite):
                 _extract(photos, backbone, resolved, recipe, path, batch_size, workers, chunk_size,
-                         fast_decode, tta, progress, runtime, shard, engine, ray_address, precision)
+                         fast_decode, tta, progress, runtime, shard, engine, ray_address,
+                         recipe["precision"])
     if imagenet and shard is None:
         add_top(path, backbone, resolved)
     return path
@@ -295,7 +305,8 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
              progress: bool, runtime: str, shard, engine: str, ray_address: str | None,
              precision: str) -> None:
     """The extraction itself, under the cache's lock: journal the pending chunks, then assemble."""
-    journal = Journal(path.with_name(path.name + ".partial"), recipe)
+    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
+    journal = Journal(path.with_name(path.name + ".partial"), recipe, graph)
     every = plan_chunks(photos, chunk_size)
     chunks = _chunk_counts(every)
     tasks = every if shard is None else [t for g, t in enumerate(every) if owner(g, shard[1]) == shard[0]]
@@ -304,7 +315,6 @@ def _extract(photos: PhotoSet, backbone: Backbone, resolved, recipe: dict, path:
     if done:
         log.info("%s: resuming, %d photos already extracted", path, done)
     run = {"runtime": "none (all chunks journalled)"}
-    graph, agreed = quantized_graph(backbone, resolved, photos.train) if precision == "int8" else (None, None)
     if pending:
         if engine == "ray":  # imported by name: an optional extra, and not part of kernel.py
             run_ray = importlib.import_module("features.ray_engine").run_ray
@@ -349,23 +359,24 @@ def extract_many(photos: PhotoSet, backbones: list, weights="default",
     the bound; on a CPU it measured no faster (ONNX Runtime) or slower (Keras), benchmarks/RESULTS.md.
     Each backbone keeps its own cache, recipe, lock and journal, and gets the cache ``extract``
     makes (tested). Returns {backbone name: path}."""
-    entries = []
     chosen = choose_precision(precision, len(photos.train) + len(photos.test), runtime)
-    for b in backbones:
+    check_precision(chosen, runtime)
+
+    def entry(b):
         backbone = get_backbone(b) if isinstance(b, str) else b
         resolved = resolve_weights(backbone, weights)
-        path = cache_path(cache_dir, backbone.name)
+        path = cache_path(cache_dir, backbone.name, photos)
         recipe_in = functools.partial(make_recipe, backbone, weights_identity(resolved), photos, False, tta)
-        recipe = recipe_in(settled_precision(precision, chosen, path, recipe_in))
-        entries.append((backbone, resolved, recipe, path))
-    check_precision(chosen, runtime)
+        return backbone, resolved, recipe_in(settled_precision(precision, chosen, path, recipe_in)), path
+
+    entries = [entry(b) for b in backbones]
     todo = [e for e in entries if not _reusable(e[3], e[2], overwrite)]
     if len(todo) > 1:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         with ExitStack() as locks:
-            for entry in sorted(todo, key=lambda e: str(e[3])):  # one order: no deadlock
-                locks.enter_context(extraction_lock(entry[3], log))
-            todo = [e for e in todo if not _reusable(e[3], e[2], overwrite)]
+            for e in sorted(todo, key=lambda e: str(e[3])):  # one order: no deadlock
+                e[3].parent.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(extraction_lock(e[3], log))
+            todo = [e for e in map(entry, (e[0] for e in todo)) if not _reusable(e[3], e[2], overwrite)]
             if todo:
                 _extract_together(photos, todo, batch_size, workers, chunk_size, tta, progress, runtime)
     # What is left (one backbone, or none) goes the usual way; made caches are found fresh.
@@ -379,10 +390,10 @@ def _extract_together(photos: PhotoSet, todo: list, batch_size: int | None, work
                       chunk_size: int, tta: bool, progress: bool, runtime: str) -> None:
     """Chunk by chunk, every backbone of ``todo`` over the same decoded photos; then each cache."""
     every = plan_chunks(photos, chunk_size)
-    journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe)
-                for b, _, recipe, path in todo}
     int8 = {b.name: quantized_graph(b, resolved, photos.train) if recipe["precision"] == "int8" else (None, None)
             for b, resolved, recipe, _ in todo}
+    journals = {b.name: Journal(path.with_name(path.name + ".partial"), recipe, int8[b.name][0])
+                for b, _, recipe, path in todo}
     extractors = {b.name: Extractor(b, resolved, runtime, batch_size, workers, False, tta,
                                     precision=recipe["precision"], graph=int8[b.name][0])
                   for b, resolved, recipe, _ in todo}
@@ -440,14 +451,15 @@ class Extractor:
         ONNX Runtime path is checked against float32 Keras), or "int8": ONNX Runtime runs
         ``graph``, the backbone's quantized graph (``quantized_graph``)."""
         self.backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
-        self.weights = resolve_weights(self.backbone, weights)
         self.precision = precision
-        if precision == "int8":
+        if precision == "int8":  # the graph is the whole network: no float weights, no Keras
             if graph is None:
                 raise ValueError(f"{self.backbone.name}: int8 needs its quantized graph")
-            check_precision(precision, runtime)
+            check_precision(precision, runtime, graph_at_hand=True)
+            self.weights = None
             self.run = OnnxForward(None, streams=streams or STREAMS, graph=graph)
         else:
+            self.weights = resolve_weights(self.backbone, weights)
             model = model if model is not None else build_gap_model(self.backbone, self.weights, precision)
             if precision != "float32" and runtime != "keras":
                 if runtime == "onnx":

@@ -39,8 +39,17 @@ def shard_path(cache_dir: str | Path, backbone_name: str, shard: tuple[int, int]
 
 
 def shard_files(cache_dir: str | Path, backbone_name: str) -> list[Path]:
+    """The backbone's shard files in ``cache_dir`` or in its photo sets' folders (one set's)."""
     base = cache_path(cache_dir, backbone_name)
-    return sorted(base.parent.glob(f"{base.stem}.shard-*-of-*.h5"))
+    for pattern in (f"{base.stem}.shard-*-of-*.h5", f"*/{base.stem}.shard-*-of-*.h5"):
+        found = sorted(base.parent.glob(pattern))
+        if found:
+            folders = {f.parent for f in found}
+            if len(folders) > 1:
+                raise ValueError(f"shard files of {backbone_name} for several photo sets: "
+                                 f"{', '.join(sorted(map(str, folders)))}; name one with --cache")
+            return found
+    return []
 
 
 def owner(global_index: int, n_shards: int) -> int:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.cache import extraction_lock
 from features.data import Photo, PhotoReader
 from features.defaults import SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
@@ -241,12 +243,14 @@ class FinetuneResult:
                         inputs=[n.entry.name for n in self.networks])
 
 
-def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train_ids,
+def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe, train: list[Photo],
                 labels, fold: np.ndarray) -> Path:
     """Where this fine-tuning keeps its finished folds: named by everything that determines them
-    (backbone, weights, recipe, photos, labels, folds), so a resumed run finds exactly its own."""
-    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), list(map(str, train_ids)),
-                                     np.asarray(labels).tolist(), np.asarray(fold).tolist()]).encode())
+    (backbone, weights, recipe, the photos and their contents' sizes, as the feature cache's
+    fingerprint has them, labels, folds), so a resumed run finds exactly its own."""
+    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), [p.id for p in train],
+                                     [p.size for p in train], np.asarray(labels).tolist(),
+                                     np.asarray(fold).tolist()]).encode())
     return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
 
 
@@ -269,17 +273,21 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
         held = fold == k
         done = work / f"fold{k}"
         held_photos = [p for p, h in zip(train, held) if h]
-        if is_kept(done):
-            log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
-        else:
-            started = time.perf_counter()
-            _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
-                        warm_features[~held], y[~held], recipe, done, workers, progress, k,
-                        held_photos + extra, runtime,
-                        callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
-            seconds.append(round(time.perf_counter() - started, 1))
-        net, feats = _load_fold(done, backbone, k)
-        _predict_missing(net, feats, held_photos + extra, done, runtime)
+        # One process trains a fold at a time: a second one (another notebook, another terminal
+        # on the same cache) waits for it, then reuses the fold it kept.
+        with extraction_lock(done, log):
+            if is_kept(done):
+                log.info("%s fine-tuning: fold %d already trained in %s, reusing it", backbone.name, k, done)
+            else:
+                started = time.perf_counter()
+                _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
+                            warm_features[~held], y[~held], recipe, done, workers, progress, k,
+                            held_photos + extra, runtime,
+                            callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
+                seconds.append(round(time.perf_counter() - started, 1))
+            net, kept = _load_fold(done, backbone, k)
+            _predict_missing(net, kept, held_photos + extra, done, runtime)
+        feats = {p.id: kept[(p.id, p.size)] for p in held_photos + extra}
         networks.append(net)
         features[net.entry.name] = feats
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
@@ -341,7 +349,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
-    tmp = done.with_name(done.name + ".tmp")
+    tmp = done.with_name(f"{done.name}.tmp{os.getpid()}")  # this process's own
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fmap.save(tmp / "network.keras")
@@ -349,7 +357,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     # Predict through the saved file, exactly as stacking.predict will.
     entry = _entry(backbone, tmp / "network.keras", k)
     gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
-    _save_features(tmp, [p.id for p in predict], gap)
+    _save_features(tmp, predict, gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
             "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
@@ -395,34 +403,37 @@ def _entry(backbone: Backbone, path: Path, k) -> Backbone:
                     backbone.feature_dim, str(path), path.name, resize=backbone.resize)
 
 
-def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[str, np.ndarray]]:
+def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[tuple[str, int], np.ndarray]]:
     info = json.loads((done / "fold.json").read_text())
     with np.load(done / "features.npz") as z:
-        feats = dict(zip(z["ids"].tolist(), z["gap"]))
+        feats = {(i, int(n)): g for i, n, g in zip(z["ids"].tolist(), z["sizes"], z["gap"])}
     head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
     head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
     return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
 
 
-def _predict_missing(net: FoldNetwork, feats: dict[str, np.ndarray], photos: list[Photo], done: Path,
+def _predict_missing(net: FoldNetwork, feats: dict[tuple[str, int], np.ndarray], photos: list[Photo], done: Path,
                      runtime: str) -> None:
     """A kept fold knows the photos of the run that trained it; photos this run needs beyond those
     (other test or held-out photos) are predicted by its saved network now and kept with the rest,
     never left without features (the ensemble would give them 0.5)."""
-    missing = list({p.id: p for p in photos if p.id not in feats}.values())
+    missing = list({p.id: p for p in photos if (p.id, p.size) not in feats}.values())
     if not missing:
         return
-    log.info("%s: %d photos this fold has not seen yet, predicted with its saved network",
-             net.entry.name, len(missing))
+    log.info("%s: %d photos this fold has not seen yet (or that changed), predicted with its saved "
+             "network", net.entry.name, len(missing))
     gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
-    feats.update(zip([p.id for p in missing], gap))
-    _save_features(done, list(feats), np.stack(list(feats.values())))
+    feats.update(zip([(p.id, p.size) for p in missing], gap))
+    keys = list(feats)
+    _save_features(done, [Photo(i, -1, "", size=n) for i, n in keys], np.stack([feats[k] for k in keys]))
 
 
-def _save_features(folder: Path, ids: list[str], gap: np.ndarray) -> None:
-    """A fold network's GAP rows by photo id, ``folder/features.npz`` (replaced atomically)."""
-    tmp = folder / "features.tmp.npz"
-    np.savez(tmp, ids=np.array(ids, dtype=str), gap=gap)
+def _save_features(folder: Path, photos: list[Photo], gap: np.ndarray) -> None:
+    """A fold network's GAP rows by photo (id and size: a photo that changed is predicted anew),
+    ``folder/features.npz``, replaced atomically through a file of this process's own."""
+    tmp = folder / f"features.tmp{os.getpid()}.npz"
+    np.savez(tmp, ids=np.array([p.id for p in photos], dtype=str), sizes=np.array([p.size for p in photos]),
+             gap=gap)
     tmp.replace(folder / "features.npz")
 
 

@@ -35,7 +35,7 @@ from features.models import build_feature_map_model
 from features.registry import Backbone
 from oof.crossfit import CrossFit
 from oof.heads import linear_parts
-from stacking.ensemble import CONCAT, Ensemble
+from stacking.ensemble import CONCAT, Ensemble, int8_graph
 from stacking.stackers import LGBMStacker
 
 # Step, in logits, of the central differences that give the level-2 weights.
@@ -150,16 +150,21 @@ class CamExplainer:
                            f"{', '.join(ensemble.model_names)}")
         self.names = [b["name"] for b in ensemble.backbones]
         self.tta = {b["name"]: bool(b.get("tta")) for b in ensemble.backbones}
-        self.extractors = {}
+        self.extractors, self.int8 = {}, {}
         for b in ensemble.backbones:
             backbone = Backbone(**b["entry"])
             w = ensemble.weights_for(b, weights)
             self.extractors[b["name"]] = Extractor(backbone, w, runtime, batch_size=1, streams=1,
                                                    model=build_feature_map_model(backbone, w))
+            if b.get("precision") == "int8":  # the network whose features the ensemble reads
+                self.int8[b["name"]] = Extractor(backbone, w, runtime, batch_size=1, streams=1,
+                                                 tta=self.tta[b["name"]], precision="int8",
+                                                 graph=int8_graph(b))
 
     def feature_maps(self, photo: Photo, reader=None) -> dict[str, np.ndarray]:
         """Each backbone's last feature map (h, w, C) for one photo (flip TTA: both views averaged,
-        the mirrored one flipped back, so its spatial mean is the TTA feature vector)."""
+        the mirrored one flipped back, so its spatial mean is the TTA feature vector; int8: its
+        mean is the int8 graph's feature vector)."""
         out = {}
         for name, ex in self.extractors.items():
             pixels, reasons = load_batch(reader or ex.reader, [photo], ex.backbone, ex.fast_decode)
@@ -168,6 +173,12 @@ class CamExplainer:
             fmap = ex.run(pixels)[0]
             if self.tta[name]:
                 fmap = (fmap + ex.run(np.ascontiguousarray(pixels[:, :, ::-1]))[0][:, ::-1]) / 2
+            if name in self.int8:
+                # An int8 graph gives no feature map: the float network's map, shifted so that its
+                # spatial mean is the int8 GAP vector the ensemble predicts from. Every deviation
+                # is the float map's; every logit (and so the map's mean) is the int8 one.
+                gap = self.int8[name].features([photo], reader)[0][0]
+                fmap = fmap + (gap - fmap.mean(axis=(0, 1)))
             out[name] = fmap
         return out
 

@@ -184,3 +184,15 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
             oof[name] = level2[name].oof
             log(f"level 2: {name} fitted")
     return Ensemble(backbones, level1, concat, level2), oof
+
+
+def int8_graph(backbone: dict) -> bytes | None:
+    """The quantized graph a saved int8 backbone made its features with (None for float ones)."""
+    if backbone.get("precision") != "int8":
+        return None
+    path = Path(backbone["int8_graph"])
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: the int8 graph of {backbone['name']} is missing from the saved "
+                                f"model ({exc.strerror or exc})") from None

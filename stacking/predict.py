@@ -17,7 +17,7 @@ import numpy as np
 from features.data import Photo
 from features.extract import Extractor, setup_logging
 from features.registry import Backbone
-from stacking.ensemble import Ensemble
+from stacking.ensemble import Ensemble, int8_graph
 from stacking.submission import clip
 
 
@@ -57,18 +57,6 @@ class Predictor:
         unreadable), and the reasons."""
         out, reasons = self.predict_all(photos, reader)
         return clip(out[self.ensemble.submit_with], self.ensemble.clip), reasons
-
-
-def int8_graph(backbone: dict) -> bytes | None:
-    """The quantized graph a saved int8 backbone made its features with (None for float ones)."""
-    if backbone.get("precision") != "int8":
-        return None
-    path = Path(backbone["int8_graph"])
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: the int8 graph of {backbone['name']} is missing from the saved "
-                                f"model ({exc.strerror or exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.cache import StaleCacheError, load_features
-from features.data import DataError, PhotoSet, load_photos
+from features.cache import StaleCacheError, cache_path, load_features, read_attrs
+from features.data import CLASSES, DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
 from features.extract import check_precision, extract, extract_many, setup_logging
 from features.models import resolve_weights, weights_identity
@@ -179,16 +179,12 @@ class FineTuned:
 
 
 def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
-                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str,
-                 budget_minutes: float | None = None, auto: bool = False) -> FineTuned:
-    """Each backbone of ``names`` trained once per fold with its own recipe (``oof.finetune``;
-    ``epochs``, when set, overrides the recipes' epoch counts); the warm-up reads its
-    frozen GAP features, extracted here if the run's backbones do not include it. Before a
-    backbone's first epoch its time is said, from throughput measured here; with ``auto`` a
-    backbone that would take the run past ``budget_minutes`` of fine-tuning is left out."""
+                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+    """Each backbone of ``names`` (as ``plan_finetune`` kept them) trained once per fold with its
+    own recipe (``oof.finetune``; ``epochs``, when set, overrides the recipes' epoch counts); the
+    warm-up reads its frozen GAP features, extracted here if the run's backbones do not include it."""
     tuned = FineTuned()
     extra = data.held + photos.test
-    spent = 0.0
     for name in names:
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, epochs, seed)
@@ -198,19 +194,7 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         warm = rows({backbone.name: loaded[backbone.name]}, data.ids, "train")[backbone.name]
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
-                           data.ids, data.y, data.fold)
-        seconds = finetune_estimate(backbone, weights, recipe, data, len(extra), loaded[backbone.name], work)
-        if seconds:
-            over = budget_minutes is not None and spent + seconds > budget_minutes * 60
-            if over and auto:
-                log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
-                            "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
-                            backbone.name, (spent + seconds) / 60, budget_minutes)
-                continue
-            if over:
-                log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
-                            "going on, since it was asked for by name", backbone.name, budget_minutes)
-            spent += seconds
+                           data.train, data.y, data.fold)
         result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
@@ -221,6 +205,43 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         tuned.info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
                                      "seconds_this_run": result.seconds}
     return tuned
+
+
+def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> list[str]:
+    """The backbones fine-tuning will train, settled before any photo is decoded: each one's time
+    is said first (throughput measured here on a few steps), and with ``--finetune auto`` one that
+    would take the run past ``--finetune-budget`` minutes is left out now, not after extraction.
+    The rows and folds are the ones the run will have if every photo reads (as nearly always)."""
+    if not plan.finetune:
+        return []
+    held = holdout_ids(photos, args.holdout, args.seed)
+    train = [p for p in photos.train if p.id not in held]
+    ids, y = [p.id for p in train], np.array([p.label for p in train])
+    folds = (load_folds(args.folds_file, ids) if args.folds_file else make_folds(ids, y, args.folds, args.seed))
+    data = TrainingRows(train, [p for p in photos.train if p.id in held], ids, y, {},
+                        align_folds(folds, ids)["fold"].to_numpy())
+    n_extra, cache, budget = len(data.held) + len(photos.test), Path(args.cache), args.finetune_budget
+    kept, spent = [], 0.0
+    for name in plan.finetune:
+        backbone = get_backbone(name)
+        recipe = recipe_for(backbone, args.finetune_epochs, args.seed)
+        resolved = resolve_weights(backbone, args.weights)
+        work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe, train, y, data.fold)
+        frozen = cache_path(cache, backbone.name, photos)
+        seconds = finetune_estimate(backbone, args.weights, recipe, data, n_extra,
+                                    read_attrs(frozen) if frozen.is_file() else {}, work)
+        over = budget is not None and seconds and spent + seconds > budget * 60
+        if over and plan.finetune_auto:
+            log.warning("%s fine-tuning left out: it would take the run's fine-tuning to %.0f min, "
+                        "past its %g-min budget (--finetune-budget, FINETUNE_BUDGET in kernel.py)",
+                        backbone.name, (spent + seconds) / 60, budget)
+            continue
+        if over:
+            log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
+                        "going on, since it was asked for by name", backbone.name, budget)
+        spent += seconds
+        kept.append(name)
+    return kept
 
 
 def read_exclusions(path: str | Path) -> set[str]:
@@ -273,18 +294,18 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
-def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen,
+def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here; predicting speed is the frozen backbone's
-    extraction speed from its cache where that was float32, as fold networks predict (else three
-    times training's)."""
+    extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
+    float32, as fold networks predict (else three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate = training_rate(backbone, weights, data.train, recipe)
-    run = frozen.attrs.get("last_run") or {}
+    run = frozen.get("last_run") or {}
     same = run.get("seconds") and run.get("precision", "float32") == "float32"
     predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
@@ -319,6 +340,9 @@ def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bo
         if not gpu:
             log.info("fine-tuning: off without a GPU (hours on a CPU); --finetune %s turns it on and "
                      "says first how long it will take", backbones[0] if backbones else "BACKBONE")
+        elif exclude:
+            log.info("fine-tuning: off with --exclude (the fold networks would have to be trained "
+                     "twice, with and without the excluded photos)")
         return list(backbones) if gpu and not exclude else []
     return [] if requested.strip() == "none" else _names(requested)
 
@@ -362,12 +386,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    if args.submit_with:
-        models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned,
-                                not args.no_concat)
-        if args.submit_with not in models:
-            raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have: "
-                           + ", ".join(models))
+    check_submit_with(args, entries, heads, tuned)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +396,31 @@ def check_args(args: argparse.Namespace) -> Plan:
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     return Plan(backbones, heads, finetune, auto)
+
+
+def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: list[str],
+                      tuned: list[Backbone], why: str = "") -> None:
+    """``--submit-with`` must name a model this run will have (``why``: what changed the plan)."""
+    if not args.submit_with:
+        return
+    models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned, not args.no_concat)
+    if args.submit_with not in models:
+        raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have{why}: "
+                       + ", ".join(models))
+
+
+def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None) -> None:
+    """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
+    or a class with fewer training photos than folds."""
+    held = holdout_ids(photos, holdout) if holdout and len({p.label for p in photos.train}) > 1 else set()
+    counts = pd.Series([p.label for p in photos.train if p.id not in held]).value_counts()
+    where = ", ".join(photos.sources)
+    if len(counts) < 2:
+        raise DataError(f"{where}: the training photos are all of one class "
+                        f"({CLASSES[int(counts.index[0])] if len(counts) else 'none'}); a classifier needs both")
+    if n_folds and counts.min() < n_folds:
+        raise DataError(f"{where}: {CLASSES[int(counts.idxmin())]} has {counts.min()} training photos, "
+                        f"fewer than the {n_folds} folds")
 
 
 @dataclass
@@ -465,13 +509,17 @@ def run(args: argparse.Namespace) -> dict:
     plan = check_args(args)
     out = Path(args.out)
     photos = load_photos(args.data)
+    check_training_set(photos, args.holdout, None if args.folds_file else args.folds)
+    finetune = plan_finetune(plan, photos, args)
+    if finetune != plan.finetune:
+        check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
+                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
                    args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
-    tuned = finetune_all(plan.finetune, args.finetune_epochs, args.seed, photos,
-                         feats.loaded, data, args.weights, Path(args.cache), args.batch_size, args.precision,
-                         args.finetune_budget, plan.finetune_auto)
+    tuned = finetune_all(finetune, args.finetune_epochs, args.seed, photos, feats.loaded, data,
+                         args.weights, Path(args.cache), args.batch_size, args.precision)
     fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))

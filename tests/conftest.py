@@ -96,3 +96,23 @@ def runs(tmp_path_factory):
                                                                               index=False)
     assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def two_devices(tmp_path_factory) -> dict[str, str]:
+    """What ``tests/two_devices.py`` prints (extraction and training on two logical CPU devices,
+    Kaggle's T4 x2 paths), run once in its own process for every test that reads it."""
+    import subprocess
+    import sys
+
+    data = make_kaggle_dir(tmp_path_factory.mktemp("two") / "data", 12, 1)
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "tests" / "two_devices.py"), str(data)],
+                         capture_output=True, text=True, timeout=600, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = {}
+    for line in out.stdout.splitlines():  # "<part> <what> <value>"
+        part, what, value = line.split(" ", 2)
+        said[part, what] = value
+    return said

@@ -1,6 +1,9 @@
 """Cleaning detectors on real shared photos, each against a photo made to trip it."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -54,6 +57,11 @@ def test_clear_photos_are_not_flagged(cleaned):
     assert flagged == set(MADE.values())
     listed = pd.read_csv(out / "outliers.csv", dtype={"id": str})
     assert set(listed["id"]) == flagged and (listed["drop"] == 1).all()
+    # Most suspicious first, in the list to edit and in the ranking of every photo.
+    ranked = pd.read_csv(out / "scores.csv", dtype={"id": str})
+    assert listed["score"].tolist() == sorted(listed["score"], reverse=True)
+    assert ranked["score"].tolist() == sorted(ranked["score"], reverse=True) and len(ranked) == len(result)
+    assert listed["id"].tolist() == ranked.loc[ranked["flagged"], "id"].tolist()
     sheet = cv2.imread(str(out / "contact_sheet.png"))
     assert sheet is not None and sheet.shape[0] >= 214
 
@@ -127,3 +135,13 @@ def test_feature_outliers_are_far_from_their_label(scanned):
     with_nan[0] = np.nan  # an unreadable photo gets no score and does not disturb the others
     z2 = feature_outliers(with_nan, labels)
     assert np.isnan(z2[0]) and np.isfinite(z2[1:]).all()
+
+
+def test_the_old_cleaning_command_names_the_new_one(tmp_path):
+    """``python -m features.clean`` (the command before it moved to oof.clean) must not exit 0
+    having done nothing: it fails and says the new command, with the arguments given."""
+    out = subprocess.run([sys.executable, "-m", "features.clean", "--data", str(tmp_path), "--top", "5"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 2
+    assert f"python -m oof.clean --data {tmp_path} --top 5" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing written

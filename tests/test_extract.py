@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from features.cache import StaleCacheError, load_features, read_attrs
+from features.cache import StaleCacheError, cache_path, load_features, read_attrs
 from features.data import load_photos
 from features.defaults import STREAMS
 from features.extract import extract
@@ -86,7 +86,8 @@ def test_killed_extraction_resumes(tmp_path):
     cmd = [sys.executable, "-m", "features.extract", "--data", str(data), "--backbone",
            "efficientnet_lite0", "--cache", str(cache), "--batch-size", "8", "--chunk-size", "8"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    journal = cache / "gap_efficientnet_lite0.h5.partial"
+    made = cache_path(cache, LITE0.name, load_photos(data))  # the photo set's own folder
+    journal = made.with_name(made.name + ".partial")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
@@ -95,12 +96,12 @@ def test_killed_extraction_resumes(tmp_path):
     proc.wait()
     done_before = len(list(journal.glob("*.npz")))
     assert 3 <= done_before < 13, "the run should have been killed part-way"
-    assert not (cache / "gap_efficientnet_lite0.h5").exists()
+    assert not made.exists()
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "resuming" in out.stderr
-    resumed = load_features(cache / "gap_efficientnet_lite0.h5")
+    resumed = load_features(made)
     assert not journal.exists()
 
     fresh = load_features(extract(load_photos(data), LITE0, cache_dir=tmp_path / "fresh",
@@ -109,7 +110,7 @@ def test_killed_extraction_resumes(tmp_path):
     assert list(resumed.test_ids) == list(fresh.test_ids)
     np.testing.assert_allclose(resumed.train, fresh.train, atol=1e-5)
     np.testing.assert_allclose(resumed.test, fresh.test, atol=1e-5)
-    with h5py.File(cache / "gap_efficientnet_lite0.h5") as f:
+    with h5py.File(made) as f:
         assert set(f) >= {"train", "test", "label", "train_ids", "test_ids", "test_ok"}
 
 
@@ -131,10 +132,11 @@ def test_two_processes_one_cache(tmp_path):
     first, second = procs[extracted[0]], errs[1 - extracted[0]]
     assert f"process {first.pid} " in second and "waiting for it to finish" in second
     assert "up to date, reusing it" in second
-    f = load_features(cache / "gap_efficientnet_lite0.h5")
+    made = cache_path(cache, LITE0.name, load_photos(data))
+    f = load_features(made)
     assert len(f.train_ids) == 80 and len(f.test_ids) == 8 and np.isfinite(f.train).all()
-    assert not (cache / "gap_efficientnet_lite0.h5.partial").exists()
-    assert not list(cache.glob("*.tmp*"))
+    assert not made.with_name(made.name + ".partial").exists()
+    assert not list(cache.glob("**/*.tmp*"))
 
 
 def test_cli_errors_name_the_problem(tmp_path):

@@ -132,7 +132,7 @@ def test_warm_head_is_the_frozen_head_on_raw_features(ft_run, warmup):
     from oof.heads import KerasHead, LogisticHead
 
     root, _ = ft_run
-    f = load_features(next((root / "cache").glob("*efficientnet_lite0*.h5")))
+    f = load_features(next((root / "cache").glob("*/gap_efficientnet_lite0.h5")))
     X, y = f.train.astype(np.float64), f.label
     recipe = finetune.Recipe(warmup=warmup, warmup_epochs=3)
     kernel, bias = finetune.warm_head(recipe, X, y)
@@ -207,7 +207,7 @@ def test_training_trains(ft_run):
 
     root, _ = ft_run
     pretrained = build_feature_map_model(get_backbone("efficientnet_lite0"))
-    folds = sorted((root / "cache" / "finetune").glob("efficientnet_lite0-*/fold*"))
+    folds = sorted(f for f in (root / "cache" / "finetune").glob("efficientnet_lite0-*/fold*") if f.is_dir())
     assert [f.name for f in folds] == ["fold0", "fold1"]
     for done in folds:
         loss = json.loads((done / "fold.json").read_text())["loss"]
@@ -263,6 +263,23 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     assert any(m.startswith("efficientnet_lite0 fine-tuning left out") and "0.01-min budget" in m
                for m in said), said
     assert FT not in cv("tight")
+    # Said before any photo is decoded: --submit-with naming the model the budget leaves out
+    # stops the run there, with no cache made for these new photos.
+    fresh = make_kaggle_dir(tmp_path / "fresh", 6, 2, start=80)
+    caplog.clear()
+    assert run_mod.main(["--data", str(fresh), "--backbones", "efficientnet_lite0", "--folds", "2",
+                         "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "late"),
+                         "--finetune-budget", "0.0001", "--submit-with", FT]) == 2
+    assert not list((tmp_path / "cache").glob("*/gap_*.h5"))
+    assert any(m.startswith("efficientnet_lite0 fine-tuning left out") for m in
+               (r.getMessage() for r in caplog.records))
+    # --exclude turns auto's fine-tuning off, and says so.
+    caplog.clear()
+    (tmp_path / "outliers.csv").write_text("id,drop\ncat.60,1\n")
+    assert run_mod.main([*base, "--out", str(tmp_path / "excl"), "--exclude", str(tmp_path / "outliers.csv"),
+                         "--finetune-epochs", "2"]) == 0
+    assert any("fine-tuning: off with --exclude" in r.getMessage() for r in caplog.records)
+    assert FT not in cv("excl")
 
 
 def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch):
@@ -286,7 +303,7 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
 
     def spy(backbone, weights, recipe, data, n_extra, frozen, work):
         seen.append((recipe, work))
-        raise Stop
+        raise Stop  # the estimate comes before any photo is decoded: nothing more is needed
 
     monkeypatch.setattr(run_mod, "finetune_estimate", spy)
     base = ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
@@ -299,56 +316,74 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
     assert not {w.name for _, w in seen} & kept  # ft_run's folds (Lite0's recipe) not reused
 
 
-TWO_DEVICES = """
-import sys
-import keras
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from features.data import PhotoReader, load_photos
-from features.extract import load_batch
-from features.models import resolve_weights
-from features.registry import get_backbone
-from oof import finetune
-devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-photos = load_photos(sys.argv[1]).train[::2]
-y = np.array([p.label for p in photos])
-b = get_backbone("efficientnet_lite0")
-weights = resolve_weights(b, "default")
-recipe = finetune.Recipe(batch_size=8, dropout=0.0, flip=False)  # nothing random but the seeded order
-pixels, _ = load_batch(PhotoReader(), photos, b, False)
-for name, on in [("two", devices), ("one", [])]:
-    keras.utils.set_random_seed(recipe.seed)
-    model, fmap = finetune.build_network(b, weights, recipe, (np.zeros(b.feature_dim), 0.0), devices=on)
-    data = finetune.batches(finetune.PhotoBatches(photos, y, b, 8, False, recipe.seed), 1)
-    model.fit(data, epochs=1, verbose=0)
-    var = next(v for v in model.trainable_variables if len(v.shape) == 4)
-    copies = getattr(var.value, "values", [var.value])
-    print(name, "replicas", model.distribute_strategy.num_replicas_in_sync)
-    print(name, "placed", sorted(c.device.rsplit("/", 1)[-1] for c in copies))
-    print(name, "copies_differ", float(np.abs(copies[0].numpy() - copies[-1].numpy()).max()))
-    print(name, "p", model.predict(pixels, verbose=0)[:, 0].tolist())
-"""
-
-
-def test_two_devices_train_one_network_as_one_device_would(small_data):
+def test_two_devices_train_one_network_as_one_device_would(two_devices):
     """Kaggle's T4 x2, on two logical CPU devices: the fold network is built once per device,
     each takes half of every batch, the copies stay identical, and the trained network predicts
-    what the same recipe trained on one device predicts."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(small_data)], capture_output=True,
-                         text=True, timeout=600, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
-    assert out.returncode == 0, out.stderr[-3000:]
-    said = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in out.stdout.splitlines()
-            if line.startswith(("two ", "one "))}
+    what the same training on one device predicts. Trained with plain SGD, so replicas that summed
+    their gradients (twice the step) would differ: the same training at twice the rate does."""
+    said = two_devices
     assert said["two", "replicas"] == "2" and said["one", "replicas"] == "1"
     assert eval(said["two", "placed"]) == ["device:CPU:0", "device:CPU:1"]
     assert float(said["two", "copies_differ"]) == 0.0
     two, one = np.array(eval(said["two", "p"])), np.array(eval(said["one", "p"]))
+    double = np.array(eval(said["one_double_rate", "p"]))
     assert np.abs(two - 0.5).max() > 1e-3  # it trained (it started from a zero head: 0.5 everywhere)
     np.testing.assert_allclose(two, one, atol=1e-5)
+    assert np.abs(double - one).max() > 100 * 1e-5  # a wrong gradient scale would show
+
+
+def test_fold_networks_know_their_photos_contents(ft_run, tmp_path):
+    """The work folder is named by the photos' contents too (their sizes, as the feature cache's
+    fingerprint): the same ids, labels and folds over changed photos train anew; a test photo
+    that changed under a kept id is predicted anew."""
+    from dataclasses import replace as changed
+
+    from features.data import load_photos
+
+    root, _ = ft_run
+    train = load_photos(root / "data").train
+    y, fold = np.array([p.label for p in train]), np.arange(len(train)) % 2
+    backbone = finetune.get_backbone("efficientnet_lite0")
+    recipe = finetune.Recipe()
+    a = finetune.work_folder(tmp_path, backbone, "w", recipe, train, y, fold)
+    edited = [changed(p, size=p.size + 1) if i == 3 else p for i, p in enumerate(train)]
+    assert finetune.work_folder(tmp_path, backbone, "w", recipe, edited, y, fold) != a
+    assert finetune.work_folder(tmp_path, backbone, "w", recipe, list(train), y, fold) == a
+
+
+def test_two_processes_fine_tuning_into_one_cache_take_turns(ft_run, tmp_path, monkeypatch, caplog):
+    """A second process waits for the one holding a fold (never deleting its half-written
+    ``foldK.tmp<pid>`` or ``features.tmp<pid>.npz``), then reuses the fold it kept."""
+    import threading
+    import time
+
+    from features.cache import extraction_lock
+
+    root, _ = ft_run
+    [work] = (root / "cache" / "finetune").glob("efficientnet_lite0-*")
+    others = [work / "fold0.tmp999999", work / "fold0" / "features.tmp999999.npz"]
+    others[0].mkdir()
+    others[1].write_bytes(b"another process's half-written file")
+    monkeypatch.setattr(finetune, "_train_fold", lambda *a, **kw: pytest.fail("a kept fold was trained"))
+    result = {}
+    args = args_for(root, "turns")
+    args[args.index("--out") + 1] = str(tmp_path / "turns")
+    waiting = threading.Thread(target=lambda: result.setdefault("rc", run_mod.main(args)))
+    try:
+        import logging
+
+        monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
+        with extraction_lock(work / "fold0"):  # the other process, training fold 0
+            waiting.start()
+            deadline = time.time() + 300
+            while time.time() < deadline and not any(
+                    "fold0" in r.getMessage() and "waiting for it to finish" in r.getMessage()
+                    for r in caplog.records):
+                time.sleep(0.2)
+            assert waiting.is_alive() and not (tmp_path / "turns" / "report.json").exists()
+        waiting.join(timeout=300)
+        assert result["rc"] == 0
+        assert all(p.exists() for p in others)
+    finally:
+        others[1].unlink(missing_ok=True)
+        others[0].rmdir()

@@ -80,41 +80,13 @@ def test_keras_check_is_remembered_for_the_same_graph(lite0_model, tmp_path, mon
     assert runtime.make_forward(lite0_model, "auto").name == "onnxruntime" and calls == [4, 4]
 
 
-TWO_DEVICES = """
-import sys
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from features.data import load_photos
-from features.extract import Extractor
-devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-assert len(devices) == 2, devices
-photos = load_photos(sys.argv[1]).train
-two = Extractor("efficientnet_lite0", devices=devices, batch_size=4)
-one = Extractor("efficientnet_lite0", runtime="keras", batch_size=4)
-assert two.run.streams == 2 and one.run.streams == 1
-a, _ = two.features(photos)
-b, _ = one.features(photos)
-placed = [sorted({v.value.device.rsplit("/", 1)[-1] for v in m.weights}) for _, m, _ in
-          [two.run.replicas.get() for _ in devices]]
-print("diff", float(np.abs(a - b).max() / np.abs(b).max()))
-print("batches", sorted(two.run.batches.values()))
-print("placed", placed)
-"""
-
-
-def test_one_replica_per_device_on_two_logical_devices(small_data):
+def test_one_replica_per_device_on_two_logical_devices(two_devices):
     """Kaggle's T4 x2 path, on two logical CPU devices: each replica's weights live on its own
     device, both run batches, and the features are those of one plain Keras model."""
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(small_data)], capture_output=True,
-                         text=True, timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
-    assert float(lines["diff"]) < 1e-5
-    batches = eval(lines["batches"])
+    assert float(two_devices["extract", "diff"]) < 1e-5
+    batches = eval(two_devices["extract", "batches"])
     assert sum(batches) == 6 and min(batches) >= 1  # 24 photos in batches of 4, on both devices
-    assert sorted(map(tuple, eval(lines["placed"]))) == [("device:CPU:0",), ("device:CPU:1",)]
+    assert sorted(map(tuple, eval(two_devices["extract", "placed"]))) == [("device:CPU:0",), ("device:CPU:1",)]
 
 
 GPU_UNUSABLE = """
