@@ -4184,10 +4184,10 @@ def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: 
                        + ", ".join(models))
 
 
-def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None) -> None:
+def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None, seed: int = SEED) -> None:
     """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
     or a class with fewer training photos than folds."""
-    held = holdout_ids(photos, holdout) if holdout and len({p.label for p in photos.train}) > 1 else set()
+    held = holdout_ids(photos, holdout, seed) if holdout and len({p.label for p in photos.train}) > 1 else set()
     counts = pd.Series([p.label for p in photos.train if p.id not in held]).value_counts()
     where = ", ".join(photos.sources)
     if len(counts) < 2:
@@ -4284,7 +4284,7 @@ def run(args: argparse.Namespace) -> dict:
     plan = check_args(args)
     out = Path(args.out)
     photos = load_photos(args.data)
-    check_training_set(photos, args.holdout, None if args.folds_file else args.folds)
+    check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
     finetune = plan_finetune(plan, photos, args)
     if finetune != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,

@@ -69,14 +69,15 @@ def test_cache_is_reused_and_stale_one_refused(small_data, tmp_path):
     bilinear = with_overrides(LITE0, resize="bilinear")
     with pytest.raises(StaleCacheError, match=r"resize: cache has 'area', asked for 'bilinear'"):
         extract(photos, bilinear, cache_dir=cache, progress=False)
-    (small_data / "test" / "8.jpg").unlink()
-    with pytest.raises(StaleCacheError, match=r"data_fingerprint"):
-        extract(load_photos(small_data), LITE0, cache_dir=cache, progress=False)
     with pytest.raises(StaleCacheError, match=r"weights_id"):
         extract(photos, LITE0, weights=WEIGHTS / "efficientnet_lite1_notop.keras", cache_dir=cache,
                 progress=False)
-    path = extract(load_photos(small_data), LITE0, cache_dir=cache, overwrite=True, progress=False)
-    assert read_attrs(path)["n_test"] == 7
+    (small_data / "test" / "8.jpg").unlink()  # other photos: a cache of their own, beside the first
+    other = extract(load_photos(small_data), LITE0, cache_dir=cache, progress=False)
+    assert other != path and read_attrs(other)["n_test"] == 7
+    assert path.stat().st_mtime_ns == stamp and read_attrs(path)["n_test"] == 8
+    remade = extract(load_photos(small_data), bilinear, cache_dir=cache, overwrite=True, progress=False)
+    assert remade == other and read_attrs(other)["resize"] == "bilinear"
 
 
 def test_killed_extraction_resumes(tmp_path):
@@ -139,15 +140,13 @@ def test_two_processes_one_cache(tmp_path):
     assert not list(cache.glob("**/*.tmp*"))
 
 
-def test_cli_errors_name_the_problem(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "features.extract", "--data", str(tmp_path),
-                          "--backbone", "efficientnet_lite0"], env=env, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert f"{tmp_path}: missing split 'train'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "features.extract", "--backbone", "nope"], env=env,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "Unknown backbone 'nope'; available:" in out.stderr
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    from features.extract import main
+
+    assert main(["--data", str(tmp_path), "--backbone", "efficientnet_lite0"]) == 2
+    assert f"{tmp_path}: missing split 'train'" in capsys.readouterr().err
+    assert main(["--backbone", "nope"]) == 2
+    assert "Unknown backbone 'nope'; available:" in capsys.readouterr().err
 
 
 @cpu_path
@@ -206,3 +205,25 @@ def test_many_backbones_decode_each_photo_once(small_data, tmp_path, monkeypatch
         assert many.attrs["last_run"]["decoded_once_with"] == names
     again = extract_many(photos, names, cache_dir=tmp_path / "many", chunk_size=8, progress=False)
     assert again == paths and read_attrs(paths[names[0]])["last_run"]["decoded_once_with"] == names
+
+
+def test_caches_of_different_photo_sets_live_side_by_side(tmp_path):
+    """A run on other photos never needs --overwrite and never touches another set's cache; a
+    cache made before caches had folders (CACHE/gap_<backbone>.h5) is still used for its photos."""
+    import shutil
+
+    sample = load_photos(make_kaggle_dir(tmp_path / "sample", 4, 2))
+    mine = load_photos(make_kaggle_dir(tmp_path / "mine", 3, 3, start=20))
+    cache = tmp_path / "cache"
+    a = extract(sample, LITE0, cache_dir=cache, progress=False, precision="float32")
+    stamp = a.stat().st_mtime_ns
+    b = extract(mine, LITE0, cache_dir=cache, progress=False, precision="float32")
+    assert a != b and a.parent.parent == b.parent.parent == cache and a.name == b.name == "gap_efficientnet_lite0.h5"
+    assert extract(sample, LITE0, cache_dir=cache, progress=False, precision="float32") == a
+    assert a.stat().st_mtime_ns == stamp  # reused, never remade
+    assert len(load_features(b).train_ids) == 6 and len(load_features(a).train_ids) == 8
+    flat = tmp_path / "old" / "gap_efficientnet_lite0.h5"  # an older version's cache of the sample
+    flat.parent.mkdir()
+    shutil.copyfile(a, flat)
+    assert extract(sample, LITE0, cache_dir=tmp_path / "old", progress=False, precision="float32") == flat
+    assert extract(mine, LITE0, cache_dir=tmp_path / "old", progress=False, precision="float32") != flat

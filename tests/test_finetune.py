@@ -143,7 +143,7 @@ def test_warm_head_is_the_frozen_head_on_raw_features(ft_run, warmup):
         finetune.warm_head(finetune.Recipe(warmup="mean"), X, y)
 
 
-def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
+def test_report_says_what_fine_tuning_adds(ft_run, tmp_path, monkeypatch):
     """The report's "without" column is the run without --finetune on the same folds."""
     root, _ = ft_run
     report = json.loads((root / "out" / "report.json").read_text())
@@ -156,7 +156,8 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path):
     args = args_for(root, "plain")
     args = args[:args.index("--finetune")]
     args[args.index("--out") + 1] = str(tmp_path / "plain")
-    assert run_mod.main(args) == 0  # --finetune auto, the default: off on this CPU
+    monkeypatch.setattr(run_mod, "has_gpu", lambda: False)  # a CPU, whatever this machine is
+    assert run_mod.main(args) == 0  # --finetune auto, the default: off on a CPU
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert FT not in plain["cv"] and plain["finetune_effect"] is None
     for name in effect["stackers"]:
@@ -267,9 +268,10 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     # stops the run there, with no cache made for these new photos.
     fresh = make_kaggle_dir(tmp_path / "fresh", 6, 2, start=80)
     caplog.clear()
+    monkeypatch.setattr(run_mod, "training_rate", lambda *a, **kw: 1e-3)  # measured above; slow here
     assert run_mod.main(["--data", str(fresh), "--backbones", "efficientnet_lite0", "--folds", "2",
                          "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "late"),
-                         "--finetune-budget", "0.0001", "--submit-with", FT]) == 2
+                         "--submit-with", FT]) == 2
     assert not list((tmp_path / "cache").glob("*/gap_*.h5"))
     assert any(m.startswith("efficientnet_lite0 fine-tuning left out") for m in
                (r.getMessage() for r in caplog.records))
@@ -293,6 +295,11 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
     assert report["finetune"]["efficientnet_lite0"]["recipe"] == asdict(
         replace(finetune.RECIPES["efficientnet_lite0"], epochs=2))
     assert finetune.recipe_for("resnet50") == finetune.Recipe()
+    # The recipes chosen by CV (benchmarks/RESULTS.md), as literals: a change to one is a decision.
+    assert {name: (r.epochs, r.learning_rate) for name, r in finetune.RECIPES.items()} == {
+        "efficientnet_lite0": (1, 1e-4), "efficientnet_lite1": (1, 2e-5), "efficientnet_lite2": (1, 2e-5)}
+    assert (finetune.Recipe().epochs, finetune.Recipe().learning_rate) == (1, 2e-5)
+    assert all(replace(r, learning_rate=2e-5) == finetune.Recipe() for r in finetune.RECIPES.values())
     own = finetune.Recipe(learning_rate=3e-5, epochs=3)
     monkeypatch.setitem(finetune.RECIPES, "efficientnet_lite0", own)
     assert finetune.recipe_for("efficientnet_lite0", seed=7) == replace(own, seed=7)

@@ -1,5 +1,6 @@
 """Decoding real photos in every form Kaggle users meet, and naming the file when one is bad."""
 
+import importlib.util
 import io
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 import features.images
 from features.images import ImageError, decode_rgb, load_for_backbone, resize
-from tests.conftest import PHOTOS, PHOTOS_200
+from tests.conftest import PHOTOS, PHOTOS_200, unavailable
 
 PHOTO = PHOTOS / "train" / "dog.3.jpg"
 
@@ -93,7 +94,8 @@ def _pillow_only(data: bytes, name: str, monkeypatch) -> np.ndarray:
 def test_fast_jpeg_path_gives_pillows_pixels(monkeypatch):
     """The speed path must not change a single pixel: every photo decodes identically with and
     without simplejpeg (originals, 200 px set, test photos, a grey JPEG)."""
-    pytest.importorskip("simplejpeg")
+    if importlib.util.find_spec("simplejpeg") is None:
+        unavailable("needs simplejpeg (pip install simplejpeg)")
     files = (sorted((PHOTOS / "train").glob("*.jpg"))[::40] + sorted((PHOTOS / "test").glob("*.jpg"))[::50]
              + sorted((PHOTOS_200 / "train").glob("*.jpg"))[::200])
     grey = _encode(Image.open(PHOTO).convert("L"), "JPEG", quality=90)

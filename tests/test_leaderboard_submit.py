@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import unavailable
 from tests.kaggle_standin import TOKEN, StandIn, expected_scores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,8 +29,11 @@ def port_80_free() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not port_80_free(), reason="the kaggle client's LOCALHOST environment "
-                                "is http://localhost (port 80): needs root and a free port 80")
+@pytest.fixture(autouse=True)
+def _port_80():
+    if not port_80_free():
+        unavailable("the kaggle client's LOCALHOST environment is http://localhost (port 80): "
+                    "needs root and a free port 80")
 
 
 def leaderboard(run: Path, home: Path, *args, **env) -> subprocess.CompletedProcess:

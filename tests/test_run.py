@@ -16,7 +16,7 @@ from stacking import run as run_mod
 from stacking.predict import Predictor
 from stacking.score import score_files
 from stacking.submission import CLIP
-from tests.conftest import BACKBONES
+from tests.conftest import BACKBONES, make_kaggle_dir
 
 def test_submission_has_every_test_id_once_in_order(runs):
     for name in ("a", "b"):
@@ -70,7 +70,8 @@ def test_imagenet_prior_reported_and_left_out_on_request(runs, tmp_path):
         log_loss(saved["label"], saved["pred"]), abs=1e-9)
     assert "What the ImageNet prior adds" in (runs / "a" / "report.md").read_text()
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
-            "--cache", str(runs / "cache"), "--out", str(tmp_path / "none"), "--no-imagenet"]
+            "--cache", str(runs / "cache"), "--out", str(tmp_path / "none"), "--no-imagenet",
+            "--finetune", "none"]  # as run a, made as on a CPU
     assert run_mod.main(args) == 0
     none = json.loads((tmp_path / "none" / "report.json").read_text())
     assert "efficientnet_lite2/imagenet" not in none["cv"] and none["imagenet_prior"] is None
@@ -127,11 +128,13 @@ def test_score_matches_the_report(runs, tmp_path):
     (["--finetune", "efficientnet_lite0", "--exclude", "OUTLIERS"], "--finetune and --exclude do not combine"),
     (["--exclude", "missing.csv"], "--exclude missing.csv: no such file"),
     (["--folds", "1"], "--folds 1: out-of-fold predictions need at least 2 folds"),
+    (["--folds", "40"], "cat has 30 training photos, fewer than the 40 folds"),
     (["--out", "FILE/run"], "--out FILE/run: cannot write there (Not a directory)"),
 ])
-def test_run_errors_are_said_before_any_extraction(runs, tmp_path, capsys, extra, message):
+def test_run_errors_are_said_before_any_extraction(runs, tmp_path, capsys, monkeypatch, extra, message):
     """Each mistake gets one sentence naming it, before a photo is read: the fresh cache folder
-    is never made."""
+    is never made. (The models listed are a CPU run's, whatever this machine has.)"""
+    monkeypatch.setattr(run_mod, "has_gpu", lambda: False)
     (tmp_path / "FILE").write_text("a file, not a folder")
     (tmp_path / "outliers.csv").write_text("id,drop\ncat.3,1\n")
     extra = [{"OUTLIERS": str(tmp_path / "outliers.csv"), "FILE/run": str(tmp_path / "FILE/run")}.get(e, e)
@@ -141,6 +144,18 @@ def test_run_errors_are_said_before_any_extraction(runs, tmp_path, capsys, extra
     assert run_mod.main([*args, *extra]) == 2
     err = capsys.readouterr().err
     assert message.replace("FILE/run", str(tmp_path / "FILE/run")) in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_one_class_is_refused_before_extraction(tmp_path, capsys):
+    """Training photos of one class only: said in one sentence naming the folder, no photo decoded."""
+    data = make_kaggle_dir(tmp_path / "data", 4, 2)
+    for dog in (data / "train").glob("dog.*"):
+        dog.unlink()
+    assert run_mod.main(["--data", str(data), "--backbones", "efficientnet_lite0", "--folds", "2",
+                         "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: the training photos are all of one class (cat)" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists()
 
 
@@ -305,7 +320,8 @@ def test_decode_once_gives_the_same_run(runs, tmp_path):
     """--decode-once (each photo decoded once for all backbones) makes the same features, so every
     model's CV is the same as run a's."""
     args = ["--data", str(runs / "data"), "--backbones", BACKBONES, "--folds", "3", "--holdout", "0.2",
-            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "once"), "--decode-once"]
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "once"), "--decode-once",
+            "--finetune", "none"]  # as run a, made as on a CPU
     assert run_mod.main(args) == 0
     once = json.loads((tmp_path / "once" / "report.json").read_text())["cv"]
     a = json.loads((runs / "a" / "report.json").read_text())["cv"]

@@ -15,7 +15,7 @@ from stacking.cam import CamExplainer
 from stacking.predict import Predictor
 from stacking.serve import MAX_UPLOAD_MB, Service, create_app, make_server
 from stacking.stackers import logit
-from tests.conftest import PHOTOS
+from tests.conftest import PHOTOS, unavailable
 from tools.page_screenshot import find_browser, upload_and_read
 
 # Not among the ensemble's training photos (ids 0-29 of each class); plain photos of one animal
@@ -132,8 +132,9 @@ def test_fifty_concurrent_requests(server):
         assert np.ptp(ps) == 0, f"{name}: answers differ under concurrency: {ps}"
 
 
-@pytest.mark.skipif(find_browser() is None, reason="needs apt packages chromium and chromium-driver")
 def test_page_in_headless_chromium(server, tmp_path):
+    if find_browser() is None:
+        unavailable("needs apt packages chromium and chromium-driver")
     name = DOGS[2]
     expected = requests.post(server + "api/predict", files={"file": (name, photo_bytes(name))}).json()
     shot = tmp_path / "page.png"

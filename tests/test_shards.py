@@ -1,5 +1,7 @@
 """Sharded extraction, features.merge, and the Ray engine, against a single local run on real photos."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from features.merge import ShardError, merge
 from features.merge import main as merge_main
 from features.runtime import TOLERANCE
 from features.shards import parse_shard, shard_files
-from tests.conftest import make_kaggle_dir
+from tests.conftest import make_kaggle_dir, unavailable
 
 BACKBONE = "efficientnet_lite0"
 CHUNK = 8  # several chunks per shard on a small set
@@ -87,7 +89,9 @@ def test_missing_and_mismatched_shards_are_refused(data, shards, tmp_path, capsy
 
 
 def test_ray_engine_on_a_local_two_cpu_instance(data, single):
-    ray = pytest.importorskip("ray")
+    if importlib.util.find_spec("ray") is None:
+        unavailable("needs ray (pip install gapstack[ray])")
+    import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         path = extract(load_photos(data), BACKBONE, cache_dir=data.parent / "ray", chunk_size=CHUNK,
