@@ -2982,19 +2982,43 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
     return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
 
 
+class FoldClock:
+    """The time fine-tuning said it would take, re-measured as folds finish: a fold that takes more
+    than a quarter longer or shorter than the current estimate (a machine shared with another job,
+    a first estimate measured on too few steps) revises it, and the revision is said."""
+
+    def __init__(self, name: str, seconds: float | None, folds: int):
+        self.name, self.left = name, folds
+        self.per_fold = seconds / folds if seconds and folds else None
+
+    def fold_done(self, k, seconds: float) -> str | None:
+        """Record fold ``k``'s ``seconds``; returns the revised estimate's sentence, if any."""
+        self.left -= 1
+        if not self.per_fold or abs(seconds - self.per_fold) <= 0.25 * self.per_fold:
+            return None
+        said = (f"{self.name} fine-tuning: fold {k} took {seconds:.0f} s, not the {self.per_fold:.0f} s "
+                f"estimated; re-measured: about {seconds * self.left / 60:.0f} min for the "
+                f"{self.left} fold(s) left")
+        self.per_fold = seconds
+        return said if self.left else None
+
+
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None) -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None,
+                   estimate: float | None = None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
     backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
     (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
     benchmark scores the held-out fold after every epoch with them). ``devices``: each fold
-    network trains on these together (default: every GPU when there are several)."""
+    network trains on these together (default: every GPU when there are several). ``estimate``:
+    the seconds said for the folds not yet kept, revised aloud as folds finish (``FoldClock``)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
+    clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
     oof = np.full(len(train), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
@@ -3013,6 +3037,9 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
                             held_photos + extra, runtime,
                             callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
                 seconds.append(round(time.perf_counter() - started, 1))
+                revised = clock.fold_done(k, seconds[-1])
+                if revised:
+                    log.info("%s", revised)
             net, kept = _load_fold(done, backbone, k)
             _predict_missing(net, kept, held_photos + extra, done, runtime)
         feats = {p.id: kept[(p.id, p.size)] for p in held_photos + extra}
@@ -3953,14 +3980,15 @@ class FineTuned:
     info: dict = field(default_factory=dict)
 
 
-def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
+def finetune_all(names: dict[str, float], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
                  data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
-    """Each backbone of ``names`` (as ``plan_finetune`` kept them) trained once per fold with its
-    own recipe (``oof.finetune``; ``epochs``, when set, overrides the recipes' epoch counts); the
-    warm-up reads its frozen GAP features, extracted here if the run's backbones do not include it."""
+    """Each backbone of ``names`` ({backbone: seconds said for it}, as ``plan_finetune`` kept
+    them) trained once per fold with its own recipe (``oof.finetune``; ``epochs``, when set,
+    overrides the recipes' epoch counts); the warm-up reads its frozen GAP features, extracted
+    here if the run's backbones do not include it. The time said is revised as folds finish."""
     tuned = FineTuned()
     extra = data.held + photos.test
-    for name in names:
+    for name, estimate in names.items():
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, epochs, seed)
         if backbone.name not in loaded:
@@ -3970,7 +3998,8 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
                            data.train, data.y, data.fold)
-        result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
+        result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe,
+                                estimate=estimate)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
             tuned.described.append({"name": net.entry.name, "entry": asdict(net.entry),
@@ -3982,13 +4011,14 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
     return tuned
 
 
-def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> list[str]:
+def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> dict[str, float]:
     """The backbones fine-tuning will train, settled before any photo is decoded: each one's time
     is said first (throughput measured here on a few steps), and with ``--finetune auto`` one that
     would take the run past ``--finetune-budget`` minutes is left out now, not after extraction.
-    The rows and folds are the ones the run will have if every photo reads (as nearly always)."""
+    The rows and folds are the ones the run will have if every photo reads (as nearly always).
+    Returns {backbone: the seconds said for it}."""
     if not plan.finetune:
-        return []
+        return {}
     held = holdout_ids(photos, args.holdout, args.seed)
     train = [p for p in photos.train if p.id not in held]
     ids, y = [p.id for p in train], np.array([p.label for p in train])
@@ -3996,7 +4026,7 @@ def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> l
     data = TrainingRows(train, [p for p in photos.train if p.id in held], ids, y, {},
                         align_folds(folds, ids)["fold"].to_numpy())
     n_extra, cache, budget = len(data.held) + len(photos.test), Path(args.cache), args.finetune_budget
-    kept, spent = [], 0.0
+    kept, spent = {}, 0.0
     for name in plan.finetune:
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, args.finetune_epochs, args.seed)
@@ -4015,7 +4045,7 @@ def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> l
             log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
                         "going on, since it was asked for by name", backbone.name, budget)
         spent += seconds
-        kept.append(name)
+        kept[name] = seconds
     return kept
 
 
@@ -4286,7 +4316,7 @@ def run(args: argparse.Namespace) -> dict:
     photos = load_photos(args.data)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
     finetune = plan_finetune(plan, photos, args)
-    if finetune != plan.finetune:
+    if list(finetune) != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
                           [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,

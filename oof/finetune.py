@@ -254,19 +254,43 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
     return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
 
 
+class FoldClock:
+    """The time fine-tuning said it would take, re-measured as folds finish: a fold that takes more
+    than a quarter longer or shorter than the current estimate (a machine shared with another job,
+    a first estimate measured on too few steps) revises it, and the revision is said."""
+
+    def __init__(self, name: str, seconds: float | None, folds: int):
+        self.name, self.left = name, folds
+        self.per_fold = seconds / folds if seconds and folds else None
+
+    def fold_done(self, k, seconds: float) -> str | None:
+        """Record fold ``k``'s ``seconds``; returns the revised estimate's sentence, if any."""
+        self.left -= 1
+        if not self.per_fold or abs(seconds - self.per_fold) <= 0.25 * self.per_fold:
+            return None
+        said = (f"{self.name} fine-tuning: fold {k} took {seconds:.0f} s, not the {self.per_fold:.0f} s "
+                f"estimated; re-measured: about {seconds * self.left / 60:.0f} min for the "
+                f"{self.left} fold(s) left")
+        self.per_fold = seconds
+        return said if self.left else None
+
+
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
                    fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
-                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None) -> FinetuneResult:
+                   runtime: str = "auto", callbacks=None, devices: list[str] | None = None,
+                   estimate: float | None = None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
     backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
     (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
     benchmark scores the held-out fold after every epoch with them). ``devices``: each fold
-    network trains on these together (default: every GPU when there are several)."""
+    network trains on these together (default: every GPU when there are several). ``estimate``:
+    the seconds said for the folds not yet kept, revised aloud as folds finish (``FoldClock``)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
+    clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
     oof = np.full(len(train), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
@@ -285,6 +309,9 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
                             held_photos + extra, runtime,
                             callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
                 seconds.append(round(time.perf_counter() - started, 1))
+                revised = clock.fold_done(k, seconds[-1])
+                if revised:
+                    log.info("%s", revised)
             net, kept = _load_fold(done, backbone, k)
             _predict_missing(net, kept, held_photos + extra, done, runtime)
         feats = {p.id: kept[(p.id, p.size)] for p in held_photos + extra}

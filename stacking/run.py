@@ -178,14 +178,15 @@ class FineTuned:
     info: dict = field(default_factory=dict)
 
 
-def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
+def finetune_all(names: dict[str, float], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
                  data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
-    """Each backbone of ``names`` (as ``plan_finetune`` kept them) trained once per fold with its
-    own recipe (``oof.finetune``; ``epochs``, when set, overrides the recipes' epoch counts); the
-    warm-up reads its frozen GAP features, extracted here if the run's backbones do not include it."""
+    """Each backbone of ``names`` ({backbone: seconds said for it}, as ``plan_finetune`` kept
+    them) trained once per fold with its own recipe (``oof.finetune``; ``epochs``, when set,
+    overrides the recipes' epoch counts); the warm-up reads its frozen GAP features, extracted
+    here if the run's backbones do not include it. The time said is revised as folds finish."""
     tuned = FineTuned()
     extra = data.held + photos.test
-    for name in names:
+    for name, estimate in names.items():
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, epochs, seed)
         if backbone.name not in loaded:
@@ -195,7 +196,8 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
                            data.train, data.y, data.fold)
-        result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe)
+        result = finetune_folds(backbone, weights, data.train, data.y, data.fold, warm, extra, work, recipe,
+                                estimate=estimate)
         tuned.models[f"{backbone.name}/{FINETUNED}"] = result.crossfit()
         for net in result.networks:
             tuned.described.append({"name": net.entry.name, "entry": asdict(net.entry),
@@ -207,13 +209,14 @@ def finetune_all(names: list[str], epochs: int | None, seed: int, photos: PhotoS
     return tuned
 
 
-def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> list[str]:
+def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> dict[str, float]:
     """The backbones fine-tuning will train, settled before any photo is decoded: each one's time
     is said first (throughput measured here on a few steps), and with ``--finetune auto`` one that
     would take the run past ``--finetune-budget`` minutes is left out now, not after extraction.
-    The rows and folds are the ones the run will have if every photo reads (as nearly always)."""
+    The rows and folds are the ones the run will have if every photo reads (as nearly always).
+    Returns {backbone: the seconds said for it}."""
     if not plan.finetune:
-        return []
+        return {}
     held = holdout_ids(photos, args.holdout, args.seed)
     train = [p for p in photos.train if p.id not in held]
     ids, y = [p.id for p in train], np.array([p.label for p in train])
@@ -221,7 +224,7 @@ def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> l
     data = TrainingRows(train, [p for p in photos.train if p.id in held], ids, y, {},
                         align_folds(folds, ids)["fold"].to_numpy())
     n_extra, cache, budget = len(data.held) + len(photos.test), Path(args.cache), args.finetune_budget
-    kept, spent = [], 0.0
+    kept, spent = {}, 0.0
     for name in plan.finetune:
         backbone = get_backbone(name)
         recipe = recipe_for(backbone, args.finetune_epochs, args.seed)
@@ -240,7 +243,7 @@ def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> l
             log.warning("%s fine-tuning goes past the %g-min budget (--finetune-budget); "
                         "going on, since it was asked for by name", backbone.name, budget)
         spent += seconds
-        kept.append(name)
+        kept[name] = seconds
     return kept
 
 
@@ -511,7 +514,7 @@ def run(args: argparse.Namespace) -> dict:
     photos = load_photos(args.data)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
     finetune = plan_finetune(plan, photos, args)
-    if finetune != plan.finetune:
+    if list(finetune) != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
                           [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,

@@ -394,3 +394,17 @@ def test_two_processes_fine_tuning_into_one_cache_take_turns(ft_run, tmp_path, m
     finally:
         others[1].unlink(missing_ok=True)
         others[0].rmdir()
+
+
+def test_the_time_said_is_revised_as_folds_finish():
+    """Said again when a fold takes more than a quarter more or less than the estimate, from the
+    fold just measured; not said for a fold within a quarter, nor after the last fold."""
+    clock = finetune.FoldClock("efficientnet_lite0", 5 * 600.0, 5)  # 10 min a fold said
+    assert clock.fold_done(0, 700.0) is None  # within a quarter
+    said = clock.fold_done(1, 200.0)  # a machine shared with another job no longer
+    assert said == ("efficientnet_lite0 fine-tuning: fold 1 took 200 s, not the 600 s estimated; "
+                    "re-measured: about 10 min for the 3 fold(s) left")
+    assert clock.fold_done(2, 230.0) is None  # within a quarter of the revised 200 s
+    assert "about 10 min for the 1 fold(s) left" in clock.fold_done(3, 600.0)
+    assert clock.fold_done(4, 60.0) is None  # nothing left to estimate
+    assert finetune.FoldClock("x", None, 3).fold_done(0, 1e6) is None  # nothing was said before
