@@ -384,7 +384,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     # Predict through the saved file, exactly as stacking.predict will.
     entry = _entry(backbone, tmp / "network.keras", k)
     gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
-    _save_features(tmp, predict, gap)
+    _save_features(tmp, [(p.id, p.size) for p in predict], gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
             "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
@@ -451,16 +451,14 @@ def _predict_missing(net: FoldNetwork, feats: dict[tuple[str, int], np.ndarray],
              "network", net.entry.name, len(missing))
     gap, _ = Extractor(net.entry, net.entry.weights, runtime).features(missing)
     feats.update(zip([(p.id, p.size) for p in missing], gap))
-    keys = list(feats)
-    _save_features(done, [Photo(i, -1, "", size=n) for i, n in keys], np.stack([feats[k] for k in keys]))
+    _save_features(done, list(feats), np.stack(list(feats.values())))
 
 
-def _save_features(folder: Path, photos: list[Photo], gap: np.ndarray) -> None:
-    """A fold network's GAP rows by photo (id and size: a photo that changed is predicted anew),
+def _save_features(folder: Path, keys: list[tuple[str, int]], gap: np.ndarray) -> None:
+    """A fold network's GAP rows by (photo id, size): a photo that changed is predicted anew;
     ``folder/features.npz``, replaced atomically through a file of this process's own."""
     tmp = folder / f"features.tmp{os.getpid()}.npz"
-    np.savez(tmp, ids=np.array([p.id for p in photos], dtype=str), sizes=np.array([p.size for p in photos]),
-             gap=gap)
+    np.savez(tmp, ids=np.array([i for i, _ in keys], dtype=str), sizes=np.array([n for _, n in keys]), gap=gap)
     tmp.replace(folder / "features.npz")
 
 

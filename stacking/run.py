@@ -146,22 +146,32 @@ class TrainingRows:
     fold: np.ndarray | None = None
 
 
+def split_holdout(photos: PhotoSet, fraction: float, seed: int = SEED) -> tuple[list, list]:
+    """(kept, held out): the training photos, in order, without and with the holdout's."""
+    held_out = holdout_ids(photos, fraction, seed)
+    return ([p for p in photos.train if p.id not in held_out], [p for p in photos.train if p.id in held_out])
+
+
 def training_rows(photos: PhotoSet, loaded: dict, holdout: float, seed: int) -> TrainingRows:
     """The rows every model trains on: readable by every backbone, not held out. (The cache holds
     every training photo; the holdout is a selection of rows, so changing --holdout never
     invalidates the features.)"""
-    held_out = holdout_ids(photos, holdout, seed)
-    held = [p for p in photos.train if p.id in held_out]
+    kept, held = split_holdout(photos, holdout, seed)
     readable = set.intersection(*(set(f.train_ids) for f in loaded.values()))
-    train = [p for p in photos.train if p.id in readable and p.id not in held_out]
+    train = [p for p in kept if p.id in readable]
     ids, y = [p.id for p in train], np.array([p.label for p in train])
     return TrainingRows(train, held, ids, y, rows(loaded, ids, "train"))
+
+
+def assign_folds(ids: list[str], y: np.ndarray, n_folds: int, folds_file: str | None, seed: int) -> pd.DataFrame:
+    """The folds of these rows: made (stratified, seeded) or read from ``folds_file``."""
+    return load_folds(folds_file, ids) if folds_file else make_folds(ids, y, n_folds, seed)
 
 
 def shared_folds(ids: list[str], y: np.ndarray, out: Path, n_folds: int, folds_file: str | None,
                  seed: int) -> np.ndarray:
     """The fold of each row: made once (or read from ``folds_file``), saved as OUT/folds.csv."""
-    folds = load_folds(folds_file, ids) if folds_file else make_folds(ids, y, n_folds, seed)
+    folds = assign_folds(ids, y, n_folds, folds_file, seed)
     save_folds(folds, out / "folds.csv")
     return align_folds(folds, ids)["fold"].to_numpy()
 
@@ -217,12 +227,10 @@ def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> d
     Returns {backbone: the seconds said for it}."""
     if not plan.finetune:
         return {}
-    held = holdout_ids(photos, args.holdout, args.seed)
-    train = [p for p in photos.train if p.id not in held]
+    train, held = split_holdout(photos, args.holdout, args.seed)
     ids, y = [p.id for p in train], np.array([p.label for p in train])
-    folds = (load_folds(args.folds_file, ids) if args.folds_file else make_folds(ids, y, args.folds, args.seed))
-    data = TrainingRows(train, [p for p in photos.train if p.id in held], ids, y, {},
-                        align_folds(folds, ids)["fold"].to_numpy())
+    folds = assign_folds(ids, y, args.folds, args.folds_file, args.seed)
+    data = TrainingRows(train, held, ids, y, {}, align_folds(folds, ids)["fold"].to_numpy())
     n_extra, cache, budget = len(data.held) + len(photos.test), Path(args.cache), args.finetune_budget
     kept, spent = {}, 0.0
     for name in plan.finetune:
@@ -415,8 +423,9 @@ def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: 
 def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None, seed: int = SEED) -> None:
     """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
     or a class with fewer training photos than folds."""
-    held = holdout_ids(photos, holdout, seed) if holdout and len({p.label for p in photos.train}) > 1 else set()
-    counts = pd.Series([p.label for p in photos.train if p.id not in held]).value_counts()
+    # (One class cannot be split stratified; the photos as they are then say it.)
+    kept = split_holdout(photos, holdout, seed)[0] if len({p.label for p in photos.train}) > 1 else photos.train
+    counts = pd.Series([p.label for p in kept]).value_counts()
     where = ", ".join(photos.sources)
     if len(counts) < 2:
         raise DataError(f"{where}: the training photos are all of one class "
