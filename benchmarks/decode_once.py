@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.cache import load_features  # noqa: E402
+from features.cache import cache_path, load_features  # noqa: E402
 from features.data import PhotoSet, load_photos  # noqa: E402
 from features.defaults import shared_dir  # noqa: E402
 from features.extract import extract, extract_many, setup_logging  # noqa: E402
@@ -51,8 +51,8 @@ def main() -> int:
             else:
                 paths = {n: extract(photos, n, weights, cache, progress=False) for n in names}
             times[way].append(time.perf_counter() - started)
-    a = {n: load_features(root / "once-per-backbone-0" / f"gap_{n}.h5").train for n in names}
-    b = {n: load_features(root / "once-for-all-0" / f"gap_{n}.h5").train for n in names}
+    a = {n: load_features(cache_path(root / "once-per-backbone-0", n, photos)).train for n in names}
+    b = {n: load_features(cache_path(root / "once-for-all-0", n, photos)).train for n in names}
     diff = max(float(np.abs(a[n] - b[n]).max()) for n in names)
     shutil.rmtree(root)
     n = len(photos.train) + len(photos.test)

@@ -102,7 +102,9 @@ def main() -> int:
         print(f"{policy}: extracted in {time.time() - started:.0f} s, img/s {speed[policy]}", flush=True)
 
     backbones = args.backbones.split(",")
-    feats = {p: {b: load_features(Path(args.cache) / p / f"gap_{b}.h5") for b in backbones} for p in policies}
+    # Each policy's folder holds one photo set's caches (features.cache.set_folder).
+    feats = {p: {b: load_features(next((Path(args.cache) / p).glob(f"*/gap_{b}.h5"))) for b in backbones}
+             for p in policies}
     ref = feats[policies[0]]
     ids = ref[backbones[0]].train_ids
     y = ref[backbones[0]].label.astype(int)

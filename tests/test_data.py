@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from features.data import DataError, PhotoReader, load_photos
-from tests.conftest import PHOTOS, PHOTOS_200
+from tests.conftest import PHOTOS, PHOTOS_200, SHARED
 
 
 def test_shared_sample_in_numeric_order():
@@ -56,8 +56,15 @@ def test_unknown_file_name_is_named(small_data):
 def test_empty_split_is_named(small_data):
     shutil.rmtree(small_data / "test")
     (small_data / "test").mkdir()
-    with pytest.raises(DataError, match=r"test: no photos in the test split"):
+    with pytest.raises(DataError, match=r"test: no photos in the test split$"):
         load_photos(small_data)
+
+
+def test_class_folders_are_named_as_a_layout_not_read_yet():
+    """../shared/clothing-small (a folder per class): said as such, naming the folders found."""
+    with pytest.raises(DataError, match=r"clothing-small/train: no photos in the train split, only folders "
+                                        r"\(dress, hat, .*one folder per class is not a layout this version reads"):
+        load_photos(SHARED / "clothing-small")
 
 
 def test_missing_split_is_named(small_data):

@@ -183,7 +183,7 @@ def main() -> int:
         report = json.loads((notebook / "out" / "report.json").read_text())
         speed = {}
         for b in args.backbones.split(","):
-            with h5py.File(notebook / "cache" / f"gap_{b}.h5", "r") as f:
+            with h5py.File(next((notebook / "cache").glob(f"*/gap_{b}.h5")), "r") as f:  # the set's folder
                 run = json.loads(f.attrs["last_run"])
                 speed[b] = {"runtime": json.loads(f.attrs["runtime"]),
                             "img_s": round(run["photos"] / run["seconds"], 1)}
