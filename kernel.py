@@ -923,6 +923,12 @@ def find_split(data_dir: Path, split: str) -> list[Photo] | None:
     else:
         return None
     if not photos:
+        subfolders = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+        if subfolders:
+            raise DataError(f"{where}: no photos in the {split} split, only folders "
+                            f"({', '.join(subfolders[:5])}{', ...' if len(subfolders) > 5 else ''}): "
+                            "one folder per class is not a layout this version reads; it reads "
+                            "train/cat.N.jpg, train/dog.N.jpg and test/N.jpg")
         raise DataError(f"{where}: no photos in the {split} split")
     photos.sort(key=_sort_key)
     for a, b in zip(photos, photos[1:]):
