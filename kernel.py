@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # Edit these, or pass them as flags (python kernel.py --help).
 INPUT = None  # None: /kaggle/input, where Kaggle mounts the competition and attached datasets
-DATA = None  # None: the competition's folder under INPUT (dogs-vs-cats-redux-kernels-edition)
+DATA = None  # None: the competition's folder under INPUT (dogs-vs-cats-redux-kernels-edition), else
+#              the one data folder there (train.csv + sample_submission.csv, or train/<class>/ folders)
 OUT = None  # None: /kaggle/working on Kaggle, else runs/<timestamp>
 BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public write-ups' four
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
@@ -637,7 +638,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """ImageNet class probabilities from cached logits."""
+    """Class probabilities from logits (n, K): ImageNet's from cached logits, a K-class head's."""
     return np.exp(log_softmax(logits))
 
 
@@ -819,24 +820,84 @@ def load_for_backbone(data: bytes, name: str, size: tuple[int, int], method: str
     return resize(decode_rgb(data, name, draft), size, method)
 
 
-# ==================== features/data.py ====================
-# Kaggle-layout photo sets: ``DIR/train/{cat,dog}.N.jpg`` and ``DIR/test/N.jpg``.
+# ==================== features/task.py ====================
+# What a photo set asks to predict, in one object every layer reads (as timm's ``pretrained_cfg``
 
-SPLITS = ("train", "test")
-CLASSES = ("cat", "dog")  # label 0, label 1: the metric is log loss on P(dog)
-_TRAIN_NAME = re.compile(r"^(cat|dog)\.(\d+)\.(jpe?g|png)$", re.IGNORECASE)
-_TEST_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
-_IGNORED = re.compile(r"^(\.|__MACOSX|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
+
+@dataclass(frozen=True)
+class Task:
+    """classes: label k is ``classes[k]``; layout: which layout the photos came in; labels_from:
+    where each label was read; id_column / columns: the submission's header (id, then one
+    probability column, P(classes[1]), for two classes, or one per class); test_order: the test ids
+    in the sample submission's order (None: numeric order where every id is a number)."""
+
+    classes: tuple[str, ...]
+    layout: str
+    labels_from: str
+    id_column: str = "id"
+    columns: tuple[str, ...] = ("label",)
+    test_order: tuple[str, ...] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 2
+
+    @property
+    def cats_and_dogs(self) -> bool:
+        """The task the ImageNet prior and the neither-cat-nor-dog check are made for."""
+        return self.classes == ("cat", "dog")
+
+    @property
+    def metric(self) -> str:
+        return f"log loss on P({self.classes[1]})" if self.binary else f"{self.n_classes}-class log loss"
+
+    def with_classes(self, classes) -> "Task":
+        """The same task with these classes, and for K > 2 one submission column per class."""
+        classes = tuple(classes)
+        columns = self.columns if len(classes) == 2 else classes
+        return replace(self, classes=classes, columns=columns)
+
+    def describe(self, n_train: int, n_test: int) -> str:
+        """One line: the layout, the classes and how many photos, e.g.
+        ``class folders: 10 classes, 3,409 training photos, no test set``."""
+        shown = ", ".join(self.classes[:6]) + (", ..." if self.n_classes > 6 else "")
+        test = f"{n_test:,} test photos" if n_test else "no test set"
+        return (f"{self.layout}: {self.n_classes} classes ({shown}; labels from {self.labels_from}), "
+                f"{n_train:,} training photos, {test}; metric: {self.metric}")
+
+
+DOGS_VS_CATS = Task(("cat", "dog"), "Kaggle Dogs vs. Cats", "the file-name prefix (cat.N.jpg, dog.N.jpg)")
+
+_NUMBER = re.compile(r"^\d+$")
+
+
+def id_order_key(photo_id: str) -> tuple:
+    """Ids in natural order: ``cat.2`` before ``cat.10``, ``2`` before ``10``, names alphabetical."""
+    return tuple((0, int(part), "") if _NUMBER.match(part) else (1, 0, part)
+                 for part in re.split(r"([./])", photo_id))
+
+
+# ==================== features/photos.py ====================
+# The photos of a task, whatever layout they came in: what each one is, where its bytes are, and
+
+# Files that are never photos: hidden files, macOS zip debris, Windows thumbnails.
+IGNORED = re.compile(r"^(\.|__MACOSX|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
-    """The data folder is not in the Kaggle layout; the message names the path."""
+    """The data folder is not in a layout we read, or its labels cannot train; the message names the path."""
 
 
 @dataclass(frozen=True)
 class Photo:
-    """One photo: its id ("cat.12" in train, "12" in test), label (1 dog, 0 cat, -1 unknown),
-    and where its bytes are (a file path, or a zip file and member)."""
+    """One photo: its id ("cat.12" in train, "12" in test), label (the index of its class in the
+    task's classes: 1 dog, 0 cat; -1 unknown), and where its bytes are (a file path, or a zip file
+    and member)."""
 
     id: str
     label: int
@@ -852,11 +913,12 @@ class Photo:
 
 @dataclass
 class PhotoSet:
-    """The training and test photos of one or more Kaggle-layout folders, ids in numeric order."""
+    """The training and test photos of one or more data folders, ids in natural order, and their task."""
 
     train: list[Photo]
     test: list[Photo]
     sources: list[str] = field(default_factory=list)
+    task: Task = DOGS_VS_CATS
 
     def fingerprint(self) -> str:
         """Changes when any photo is added, removed, renamed or changes size."""
@@ -865,111 +927,6 @@ class PhotoSet:
             for p in photos:
                 digest.update(f"{split}/{p.id}/{p.size}\n".encode())
         return digest.hexdigest()
-
-
-def _sort_key(photo: Photo) -> tuple:
-    head, _, number = photo.id.rpartition(".")
-    return (head, int(number))
-
-
-def _parse(split: str, name: str, where: str) -> tuple[str, int]:
-    if split == "train":
-        m = _TRAIN_NAME.match(name)
-        if not m:
-            raise DataError(f"{where}: unexpected file name '{name}' in train; expected "
-                            "cat.N.jpg or dog.N.jpg (the label is the prefix)")
-        return f"{m.group(1).lower()}.{int(m.group(2))}", CLASSES.index(m.group(1).lower())
-    m = _TEST_NAME.match(name)
-    if not m:
-        raise DataError(f"{where}: unexpected file name '{name}' in test; expected N.jpg")
-    return str(int(m.group(1))), -1
-
-
-def _list_folder(split: str, folder: Path) -> list[Photo]:
-    photos = []
-    for entry in folder.iterdir():
-        if _IGNORED.match(entry.name) or entry.is_dir():
-            continue
-        pid, label = _parse(split, entry.name, str(folder))
-        photos.append(Photo(pid, label, str(entry), None, entry.stat().st_size))
-    return photos
-
-
-def _list_zip(split: str, archive: Path) -> list[Photo]:
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-    except zipfile.BadZipFile as exc:
-        raise DataError(f"{archive}: not a readable zip file ({exc})") from None
-    photos = []
-    for info in infos:
-        base = info.filename.rstrip("/").rpartition("/")[2]
-        if info.is_dir() or _IGNORED.match(base) or "__MACOSX" in info.filename:
-            continue
-        pid, label = _parse(split, base, str(archive))
-        photos.append(Photo(pid, label, str(archive), info.filename, info.file_size))
-    return photos
-
-
-def find_split(data_dir: Path, split: str) -> list[Photo] | None:
-    """The photos of one split of one folder, or None when the split is absent."""
-    folder, archive = data_dir / split, data_dir / f"{split}.zip"
-    if folder.is_dir():
-        photos = _list_folder(split, folder)
-        where = folder
-    elif archive.is_file():
-        photos = _list_zip(split, archive)
-        where = archive
-    else:
-        return None
-    if not photos:
-        subfolders = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
-        if subfolders:
-            raise DataError(f"{where}: no photos in the {split} split, only folders "
-                            f"({', '.join(subfolders[:5])}{', ...' if len(subfolders) > 5 else ''}): "
-                            "one folder per class is not a layout this version reads; it reads "
-                            "train/cat.N.jpg, train/dog.N.jpg and test/N.jpg")
-        raise DataError(f"{where}: no photos in the {split} split")
-    photos.sort(key=_sort_key)
-    for a, b in zip(photos, photos[1:]):
-        if a.id == b.id:
-            raise DataError(f"{where}: id '{a.id}' appears twice ({a.name} and {b.name})")
-    return photos
-
-
-def load_photos(data_dirs: str | Path | list, require_test: bool = True) -> PhotoSet:
-    """Read one or more Kaggle-layout folders (plain or zipped splits).
-
-    Every folder must have a train split; exactly one must have a test split unless
-    ``require_test`` is False.
-    """
-    dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, (list, tuple)) else [data_dirs])]
-    train: list[Photo] = []
-    test: list[Photo] | None = None
-    test_from = None
-    for d in dirs:
-        if not d.is_dir():
-            raise DataError(f"{d}: data folder does not exist")
-        photos = find_split(d, "train")
-        if photos is None:
-            raise DataError(f"{d}: missing split 'train' (expected {d / 'train'}/ or {d / 'train.zip'})")
-        train.extend(photos)
-        test_photos = find_split(d, "test")
-        if test_photos is not None:
-            if test is not None:
-                raise DataError(f"{d}: a second test split (the first came from {test_from}); "
-                                "pass exactly one folder with a test split")
-            test, test_from = test_photos, d
-    if test is None:
-        if require_test:
-            where = " or ".join(str(d / "test") for d in dirs)
-            raise DataError(f"missing split 'test': none of {where}(.zip) exists")
-        test = []
-    train.sort(key=_sort_key)
-    for a, b in zip(train, train[1:]):
-        if a.id == b.id:
-            raise DataError(f"training id '{a.id}' appears in two folders: {a.name} and {b.name}")
-    return PhotoSet(train, test, [str(d) for d in dirs])
 
 
 class PhotoReader:
@@ -996,6 +953,362 @@ class BytesReader:
 
     def read(self, photo: Photo) -> bytes:
         return self.blobs[photo.path]
+
+
+# ==================== features/layouts.py ====================
+# The layouts besides Kaggle Dogs vs. Cats (``features.data``), read without decoding a photo:
+
+CLASS_FOLDERS, LABELS_CSV = "class folders", "labels CSV"
+VALIDATION_SPLITS = ("validation", "val", "valid")  # pooled into the training photos
+LABEL_FILES = ("train.csv", "labels.csv", "train_labels.csv")
+SAMPLE_SUBMISSION = "sample_submission.csv"
+
+
+@dataclass
+class Layout:
+    """One folder read: training photos with their class names (``named``: photo id -> class),
+    test photos, and what the folder says of the task (classes fixed by a sample submission, the
+    submission's columns). ``load_photos`` pools folders and numbers the classes."""
+
+    kind: str
+    train: list[Photo]
+    named: dict[str, str]
+    test: list[Photo] | None
+    task: Task
+
+
+def _photos_in(folder: Path) -> list[Path]:
+    """Every photo file under ``folder`` (subfolders too), hidden files and other files left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
+                  and not any(IGNORED.match(part) for part in p.relative_to(folder).parts))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not IGNORED.match(d.name))
+
+
+def is_class_folders(data_dir: Path) -> bool:
+    """``DIR/train`` holds only folders (one per class), no photo files."""
+    train = data_dir / "train"
+    if not train.is_dir() or not _subfolders(train):
+        return False
+    return not any(p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES for p in train.iterdir())
+
+
+def labels_file(data_dir: Path, given: str | Path | None = None) -> Path | None:
+    """The labels CSV of ``data_dir``: the one given, else the first of ``LABEL_FILES`` there."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise DataError(f"--labels {path}: no such file")
+        return path
+    return next((data_dir / n for n in LABEL_FILES if (data_dir / n).is_file()), None)
+
+
+def read_class_folders(data_dir: Path) -> Layout:
+    """``DIR/train/<class>/*`` (+ ``validation/``): ids ``<split>/<class>/<file name without
+    extension>``, unique however the folders repeat names."""
+    train, named = [], {}
+    for split in ("train", *VALIDATION_SPLITS):
+        folder = data_dir / split
+        if not folder.is_dir():
+            continue
+        loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES]
+        if loose:
+            raise DataError(f"{folder}: photo files ({', '.join(sorted(loose)[:3])}) beside class folders; "
+                            "in a class-folder layout every photo is inside its class's folder")
+        for class_dir in _subfolders(folder):
+            files = _photos_in(class_dir)
+            if not files:
+                raise DataError(f"{class_dir}: a class folder with no photos")
+            for f in files:
+                pid = f"{split}/{class_dir.name}/{f.relative_to(class_dir).with_suffix('').as_posix()}"
+                if pid in named:
+                    raise DataError(f"{f}: a second photo named '{pid}' (another extension?)")
+                train.append(Photo(pid, -1, str(f), None, f.stat().st_size))
+                named[pid] = class_dir.name
+    sample = read_sample_submission(data_dir)
+    classes = tuple(sorted(set(named.values())))
+    task = Task(classes, CLASS_FOLDERS, "the class folder names").with_classes(classes)
+    task, test = _test_and_format(data_dir, task, sample, None)
+    return Layout(CLASS_FOLDERS, train, named, test, task)
+
+
+def read_labels_csv(data_dir: Path, path: Path) -> Layout:
+    """``path`` (an id and a label column) beside ``DIR/train/<id>.<ext>``: every id needs a photo
+    and every photo a label."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    id_col, label_col = _id_and_label_columns(path, list(table.columns))
+    ids, labels = table[id_col].str.strip(), table[label_col].str.strip()
+    if ids.duplicated().any():
+        raise DataError(f"{path}: id '{ids[ids.duplicated()].iloc[0]}' appears twice")
+    if (labels == "").any():
+        raise DataError(f"{path}: id '{ids[labels == ''].iloc[0]}' has no label")
+    folder = data_dir / "train"
+    if not folder.is_dir():
+        raise DataError(f"{data_dir}: {path.name} is here but there is no train/ folder of its photos")
+    files = _photos_in(folder)
+    by_name = _files_by_id(files, folder, ids.tolist())
+    missing = [i for i in ids if i not in by_name]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} id(s) without a photo in {folder} "
+                        f"(e.g. {', '.join(missing[:3])})")
+    unlabelled = sorted(set(map(str, files)) - {str(by_name[i]) for i in ids})
+    if unlabelled:
+        raise DataError(f"{folder}: {len(unlabelled)} photo(s) without a label in {path.name} "
+                        f"(e.g. {', '.join(Path(u).name for u in unlabelled[:3])})")
+    train = [Photo(i, -1, str(by_name[i]), None, by_name[i].stat().st_size) for i in ids]
+    named = dict(zip(ids, labels))
+    sample = read_sample_submission(data_dir)
+    classes = tuple(sorted(set(labels), key=id_order_key))
+    task = Task(classes, LABELS_CSV, f"{path.name} column '{label_col}'", id_column=id_col,
+                columns=(label_col,)).with_classes(classes)
+    task, test = _test_and_format(data_dir, task, sample, path)
+    return Layout(LABELS_CSV, train, named, test, task)
+
+
+def _id_and_label_columns(path: Path, columns: list[str]) -> tuple[str, str]:
+    """The id column ('id', else the first) and the label column (the only other one, else 'label')."""
+    if len(columns) < 2:
+        raise DataError(f"{path}: needs an id column and a label column; has {', '.join(columns) or 'none'}")
+    id_col = "id" if "id" in columns else columns[0]
+    rest = [c for c in columns if c != id_col]
+    if len(rest) == 1:
+        return id_col, rest[0]
+    if "label" in rest:
+        return id_col, "label"
+    raise DataError(f"{path}: which column is the label? It has {', '.join(columns)}; "
+                    "name it 'label' or keep only the id and label columns")
+
+
+def _files_by_id(files: list[Path], folder: Path, wanted: list[str]) -> dict[str, Path]:
+    """{id: file} where each id is a file's name, or its name without extension (as the ids in
+    ``wanted`` are written); two files answering to one id is an error."""
+    with_ext = bool(wanted) and all(Path(i).suffix.lower() in PHOTO_SUFFIXES for i in wanted)
+    found: dict[str, Path] = {}
+    for f in files:
+        key = f.relative_to(folder).as_posix()
+        key = key if with_ext else str(Path(key).with_suffix(""))
+        if key in found:
+            raise DataError(f"{folder}: two photos named '{key}' ({found[key].name} and {f.name})")
+        found[key] = f
+    return found
+
+
+def read_sample_submission(data_dir: Path):
+    """``DIR/sample_submission.csv`` as a table of strings, or None."""
+    path = data_dir / SAMPLE_SUBMISSION
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if len(table.columns) < 2:
+        raise DataError(f"{path}: needs an id column and at least one more; has {', '.join(table.columns)}")
+    if table.iloc[:, 0].duplicated().any():
+        raise DataError(f"{path}: id '{table.iloc[:, 0][table.iloc[:, 0].duplicated()].iloc[0]}' appears twice")
+    table.attrs["path"] = str(path)
+    return table
+
+
+def _test_and_format(data_dir: Path, task: Task, sample, labels_path: Path | None) -> tuple[Task, list[Photo] | None]:
+    """The test photos (``DIR/test/``) and the submission's format: the sample submission's, where
+    there is one (its columns are the classes, or one column for two classes: P(classes[1])), else
+    ``task``'s own (id, then a column per class, or the label column for two classes)."""
+    if sample is not None:
+        where = sample.attrs["path"]
+        id_col, columns = sample.columns[0], tuple(sample.columns[1:])
+        if len(columns) > 1:  # one probability column per class, in the competition's order
+            unknown = sorted(set(task.classes) - set(columns))
+            if unknown:
+                raise DataError(f"{where}: the classes {', '.join(unknown[:5])} have no column there "
+                                f"(its columns: {', '.join(columns[:6])}{', ...' if len(columns) > 6 else ''})")
+            task = replace(task, classes=columns)
+        # One column: P(classes[1]) for two classes, else the predicted class's name (Plant Seedlings).
+        task = replace(task, id_column=id_col, columns=columns)
+    folder = data_dir / "test"
+    if not folder.is_dir():
+        if sample is not None:
+            raise DataError(f"{sample.attrs['path']}: names {len(sample)} test photos but {folder} does not exist")
+        return task, None
+    files = _photos_in(folder)
+    if not files:
+        raise DataError(f"{folder}: no photos in the test split")
+    wanted = sample.iloc[:, 0].tolist() if sample is not None else []
+    by_name = _files_by_id(files, folder, wanted)
+    if sample is not None:
+        missing = [i for i in wanted if i not in by_name]
+        if missing:
+            raise DataError(f"{sample.attrs['path']}: {len(missing)} test id(s) without a photo in {folder} "
+                            f"(e.g. {', '.join(missing[:3])})")
+        extra = sorted(set(by_name) - set(wanted))
+        if extra:
+            raise DataError(f"{folder}: {len(extra)} photo(s) the sample submission does not name, so "
+                            f"their rows could not be placed (e.g. {', '.join(extra[:3])})")
+        task = replace(task, test_order=tuple(wanted))
+    test = [Photo(i, -1, str(f), None, f.stat().st_size) for i, f in by_name.items()]
+    return task, sorted(test, key=lambda p: id_order_key(p.id))
+
+
+# ==================== features/data.py ====================
+# Reading a data folder in any layout we know, found automatically; this module reads Kaggle's
+
+# The photo types live in features.photos; importers of this module find them here too.
+__all__ = ["BytesReader", "CLASSES", "DataError", "Photo", "PhotoReader", "PhotoSet", "find_data_dirs",
+           "find_split", "load_photos", "read_folder"]
+
+SPLITS = ("train", "test")
+CLASSES = DOGS_VS_CATS.classes  # label 0, label 1: the metric is log loss on P(dog)
+_TRAIN_NAME = re.compile(r"^(cat|dog)\.(\d+)\.(jpe?g|png)$", re.IGNORECASE)
+_TEST_NAME = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
+
+
+def _parse(split: str, name: str, where: str) -> tuple[str, int]:
+    if split == "train":
+        m = _TRAIN_NAME.match(name)
+        if not m:
+            raise DataError(f"{where}: unexpected file name '{name}' in train; expected "
+                            "cat.N.jpg or dog.N.jpg (the label is the prefix)")
+        return f"{m.group(1).lower()}.{int(m.group(2))}", CLASSES.index(m.group(1).lower())
+    m = _TEST_NAME.match(name)
+    if not m:
+        raise DataError(f"{where}: unexpected file name '{name}' in test; expected N.jpg")
+    return str(int(m.group(1))), -1
+
+
+def _list_folder(split: str, folder: Path) -> list[Photo]:
+    photos = []
+    for entry in folder.iterdir():
+        if IGNORED.match(entry.name) or entry.is_dir():
+            continue
+        pid, label = _parse(split, entry.name, str(folder))
+        photos.append(Photo(pid, label, str(entry), None, entry.stat().st_size))
+    return photos
+
+
+def _list_zip(split: str, archive: Path) -> list[Photo]:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{archive}: not a readable zip file ({exc})") from None
+    photos = []
+    for info in infos:
+        base = info.filename.rstrip("/").rpartition("/")[2]
+        if info.is_dir() or IGNORED.match(base) or "__MACOSX" in info.filename:
+            continue
+        pid, label = _parse(split, base, str(archive))
+        photos.append(Photo(pid, label, str(archive), info.filename, info.file_size))
+    return photos
+
+
+def find_split(data_dir: Path, split: str) -> list[Photo] | None:
+    """The photos of one split of one folder, or None when the split is absent."""
+    folder, archive = data_dir / split, data_dir / f"{split}.zip"
+    if folder.is_dir():
+        photos = _list_folder(split, folder)
+        where = folder
+    elif archive.is_file():
+        photos = _list_zip(split, archive)
+        where = archive
+    else:
+        return None
+    if not photos:
+        raise DataError(f"{where}: no photos in the {split} split")
+    photos.sort(key=lambda p: id_order_key(p.id))
+    for a, b in zip(photos, photos[1:]):
+        if a.id == b.id:
+            raise DataError(f"{where}: id '{a.id}' appears twice ({a.name} and {b.name})")
+    return photos
+
+
+def read_dogs_vs_cats(data_dir: Path) -> Layout:
+    """One Kaggle Dogs vs. Cats folder (plain or zipped splits)."""
+    train = find_split(data_dir, "train")
+    if train is None:
+        raise DataError(f"{data_dir}: missing split 'train', so no layout found: expected train/cat.N.jpg + "
+                        "train/dog.N.jpg (Dogs vs. Cats, or train.zip), train/<class>/* (class folders) or "
+                        "train.csv beside train/ (a labels CSV)")
+    return Layout("Kaggle Dogs vs. Cats", train, {p.id: CLASSES[p.label] for p in train},
+                  find_split(data_dir, "test"), DOGS_VS_CATS)
+
+
+def read_folder(data_dir: Path, labels: str | Path | None = None) -> Layout:
+    """One data folder in whichever layout it is: a labels CSV (given, or found there), class
+    folders, or Kaggle Dogs vs. Cats."""
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder does not exist")
+    csv = labels_file(data_dir, labels)
+    if csv is not None:
+        return read_labels_csv(data_dir, csv)
+    if is_class_folders(data_dir):
+        return read_class_folders(data_dir)
+    return read_dogs_vs_cats(data_dir)
+
+
+def load_photos(data_dirs: str | Path | list, require_test: bool = True,
+                labels: str | Path | None = None) -> PhotoSet:
+    """Read one or more data folders of one layout (``read_folder``) into one photo set and its task.
+
+    Training photos are pooled (ids must not repeat); at most one folder gives the test set.
+    ``require_test``: a Dogs vs. Cats folder must have its test split (the competition's);
+    other layouts may have none. ``labels``: the labels CSV, where it is not in the folder.
+    """
+    dirs = [Path(d) for d in (data_dirs if isinstance(data_dirs, (list, tuple)) else [data_dirs])]
+    layouts = [read_folder(d, labels) for d in dirs]
+    kinds = sorted({lay.kind for lay in layouts})
+    if len(kinds) > 1:
+        raise DataError(f"{', '.join(map(str, dirs))}: folders of different layouts ({', '.join(kinds)}); "
+                        "pool folders of one layout")
+    with_test = [(d, lay) for d, lay in zip(dirs, layouts) if lay.test is not None]
+    if len(with_test) > 1:
+        raise DataError(f"{with_test[1][0]}: a second test split (the first came from {with_test[0][0]}); "
+                        "pass exactly one folder with a test split")
+    if not with_test and require_test and kinds == ["Kaggle Dogs vs. Cats"]:
+        where = " or ".join(str(d / "test") for d in dirs)
+        raise DataError(f"missing split 'test': none of {where}(.zip) exists")
+    task = (with_test[0][1] if with_test else layouts[0]).task
+    named = {i: c for lay in layouts for i, c in lay.named.items()}
+    unknown = set(named.values()) - set(task.classes)
+    if unknown and task.test_order is not None:
+        raise DataError(f"{', '.join(map(str, dirs))}: classes {', '.join(sorted(unknown)[:5])} are not columns "
+                        "of the sample submission")
+    if unknown:
+        task = task.with_classes(sorted(set(named.values()) | set(task.classes), key=id_order_key))
+    index = {c: k for k, c in enumerate(task.classes)}
+    train = sorted((replace(p, label=index[named[p.id]]) for lay in layouts for p in lay.train),
+                   key=lambda p: id_order_key(p.id))
+    for a, b in zip(train, train[1:]):
+        if a.id == b.id:
+            raise DataError(f"training id '{a.id}' appears in two folders: {a.name} and {b.name}")
+    return PhotoSet(train, with_test[0][1].test if with_test else [], [str(d) for d in dirs], task)
+
+
+def is_data_folder(folder: Path) -> bool:
+    """Whether ``folder`` looks like a data folder of some layout (a train split, or a labels CSV)."""
+    return (folder / "train").is_dir() or (folder / "train.zip").is_file() or labels_file(folder) is not None
+
+
+def find_data_dirs(root: Path, depth: int = 3) -> list[Path]:
+    """The data folders under ``root`` (Kaggle's /kaggle/input: the competition's folder and the
+    attached datasets), up to ``depth`` levels down; a data folder's own subfolders are not searched."""
+    found: list[Path] = []
+
+    def visit(folder: Path, level: int) -> None:
+        if is_data_folder(folder):
+            found.append(folder)
+        elif level < depth:
+            for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not IGNORED.match(d.name)):
+                visit(sub, level + 1)
+
+    if root.is_dir():
+        visit(root, 0)
+    return found
 
 
 # ==================== features/cache.py ====================
@@ -2469,40 +2782,62 @@ except ImportError:  # scikit-learn < 1.6 (older Kaggle images): the same check 
 
 def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: int):
     """(scaler, logistic regression, C used) on standardised ``X``; C "auto": the one of ``Cs``
-    with the lowest inner stratified 3-fold CV log loss on these rows."""
+    with the lowest inner stratified 3-fold CV log loss on these rows (2 folds where a class has
+    2 photos; the middle of ``Cs`` where one has a single photo)."""
     scaler = StandardScaler().fit(X)
     Z = scaler.transform(X)
+    fewest = int(np.unique(target, return_counts=True)[1].min())
+    if C == "auto" and fewest < 2:  # no inner CV can hold out a photo of every class: the middle C
+        C = sorted(Cs)[len(Cs) // 2]
     if C == "auto":
         with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
             warnings.simplefilter("ignore", FutureWarning)
-            lr = LogisticRegressionCV(Cs=list(Cs), cv=3, scoring="neg_log_loss",
+            # (3 inner folds, fewer where a class has fewer photos: stratified folds need one each)
+            lr = LogisticRegressionCV(Cs=list(Cs), cv=min(3, fewest), scoring="neg_log_loss",
                                       max_iter=max_iter).fit(Z, target)
         return scaler, lr, float(np.ravel(lr.C_)[0])
     return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
 
 
-class BinaryClassifier(ClassifierMixin, BaseEstimator):
-    """What our binary estimators share: classes, predict from P(class 1), tags."""
+class Classifier(ClassifierMixin, BaseEstimator):
+    """What our estimators share, for two classes or K: ``decision_function`` is the logit of
+    P(classes_[1]) for two classes (the binary task stays exactly what it was), class logits
+    (n, K) for more; ``predict_proba`` and ``predict`` follow from it."""
 
     def _set_classes(self, y) -> np.ndarray:
+        """Record the classes; the training target: 0/1 floats for two classes, else class indices."""
         check_classification_targets(y)
-        y_type = type_of_target(y, input_name="y")
-        if y_type != "binary":
-            raise ValueError("Only binary classification is supported. The type of the target "
-                             f"is {y_type}.")
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs both classes; y has only one class "
+            raise ValueError(f"{type(self).__name__} needs two classes at least; y has only one class "
                              f"({self.classes_[0]!r})")
-        return (y == self.classes_[1]).astype(np.float32)
+        if len(self.classes_) == 2:
+            return (y == self.classes_[1]).astype(np.float32)
+        return np.searchsorted(self.classes_, y)
 
     def predict_proba(self, X) -> np.ndarray:
-        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        z = self.decision_function(X)
+        if z.ndim == 2:
+            return softmax(z)
+        p = 1.0 / (1.0 + np.exp(-z))
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self)
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+        z = self.decision_function(X)
+        return self.classes_[np.argmax(z, axis=1) if z.ndim == 2 else (z > 0).astype(int)]
+
+
+class BinaryClassifier(Classifier):
+    """A model made for two classes only (the cat-or-dog ImageNet prior, a fine-tuned network's
+    sigmoid head)."""
+
+    def _set_classes(self, y) -> np.ndarray:
+        y_type = type_of_target(y, input_name="y")
+        if y_type not in ("binary", "unknown") and len(np.unique(y)) > 2:
+            raise ValueError("Only binary classification is supported. The type of the target "
+                             f"is {y_type}.")
+        return super()._set_classes(y)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -2510,8 +2845,8 @@ class BinaryClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
 
-class LogisticHead(BinaryClassifier):
-    """The default head: standardised features, L2 logistic regression.
+class LogisticHead(Classifier):
+    """The default head: standardised features, L2 logistic regression (multinomial for K > 2).
 
     The best regularisation depends on the backbone and the data (on the shared photos it moved
     from 0.1 on 1,600 photos to 0.01 on 7,700), so by default C is chosen by an inner stratified
@@ -2545,8 +2880,9 @@ class LogisticHead(BinaryClassifier):
         return self.lr_.decision_function(self.scaler_.transform(X))
 
 
-class KerasHead(BinaryClassifier):
-    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras.
+class KerasHead(Classifier):
+    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras (Dense(K, softmax)
+    for K > 2 classes).
 
     At prediction time dropout is the identity, so the fitted head is a linear model; it is kept
     as ``coef_``/``intercept_`` (on standardised features), which makes the estimator picklable
@@ -2582,14 +2918,17 @@ class KerasHead(BinaryClassifier):
         self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
         Z = (X - self.mean_) / self.scale_
         keras.utils.set_random_seed(self.random_state)
-        dense = keras.layers.Dense(1, activation="sigmoid",
+        binary = len(self.classes_) == 2
+        dense = keras.layers.Dense(1 if binary else len(self.classes_), activation="sigmoid" if binary else "softmax",
                                    kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
         model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss="binary_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
         model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
         kernel, bias = dense.get_weights()
-        self.coef_ = kernel[:, 0].astype(np.float64)
-        self.intercept_ = float(bias[0])
+        # Two classes: one logit, coef_ (D,); K classes: coef_ (D, K), intercept_ (K,).
+        self.coef_ = (kernel[:, 0] if binary else kernel).astype(np.float64)
+        self.intercept_ = float(bias[0]) if binary else bias.astype(np.float64)
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -2611,10 +2950,13 @@ def make_head(name: str, **params):
     return HEADS[name](**params)
 
 
-def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b."""
+def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | np.ndarray]:
+    """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b
+    (coef (D,) and one logit for two classes; (D, K) and K class logits for more)."""
     if hasattr(head, "scale_"):  # KerasHead, and a fine-tuned network's DenseHead
         return head.mean_, head.scale_, head.coef_, head.intercept_
+    if len(head.classes_) > 2:
+        return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_.T, head.lr_.intercept_
     return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])
 
 
@@ -2731,7 +3073,8 @@ TEST_MODES = ("fold_mean", "refit")
 
 @dataclass
 class CrossFit:
-    """oof: P(class 1) for every training row, from the model that did not see its fold.
+    """oof: P(class 1) (two classes; (n, K) class probabilities for more) for every training row,
+    from the model that did not see its fold.
     models: the fold models (fold_mean) or the single refitted model (refit).
     inputs: None when every model reads the same features; else, per model, the name of the
     features it reads (a fine-tuned fold network's own GAP features, ``oof.finetune``)."""
@@ -2742,32 +3085,40 @@ class CrossFit:
     inputs: list[str] | None = None
 
     def predict(self, X) -> np.ndarray:
-        """P(class 1) for new rows, the way the test set is predicted."""
-        return np.mean([positive_proba(m, X) for m in self.models], axis=0)
+        """P(class 1) (or the K class probabilities) for new rows, the way the test set is predicted."""
+        if len(X) == 0:
+            return np.empty(self.oof.shape[1:] and (0, self.n_classes) or (0,))
+        return np.mean([class_proba(m, X) for m in self.models], axis=0)
+
+    @property
+    def n_classes(self) -> int:
+        return 2 if self.oof.ndim == 1 else self.oof.shape[1]
 
 
-def positive_proba(model, X) -> np.ndarray:
-    """P(class 1) from a fitted classifier."""
-    return model.predict_proba(X)[:, 1]
+def class_proba(model, X) -> np.ndarray:
+    """What every level passes on: P(class 1) from a two-class classifier, (n, K) from a K-class one."""
+    p = model.predict_proba(X)
+    return p[:, 1] if p.shape[1] == 2 else p
 
 
 def cross_fit(estimator, X, y, fold: np.ndarray, test_mode: str = "fold_mean") -> CrossFit:
     """Fit ``estimator`` once per fold on the other folds; predict the held-out fold.
 
     Equals ``cross_val_predict(estimator, X, y, cv=PredefinedSplit(fold), method="predict_proba")``
-    on the positive class.
+    on the positive class (on every class for K > 2).
     """
     if test_mode not in TEST_MODES:
         raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}; got {test_mode!r}")
     X, y, fold = np.asarray(X), np.asarray(y), np.asarray(fold)
     if not (len(X) == len(y) == len(fold)):
         raise ValueError(f"X, y and fold disagree in length: {len(X)}, {len(y)}, {len(fold)}")
-    oof = np.full(len(y), np.nan)
+    n_classes = len(np.unique(y))
+    oof = np.full(len(y) if n_classes == 2 else (len(y), n_classes), np.nan)
     models = []
     for k in np.unique(fold):
         held = fold == k
         model = clone(estimator).fit(X[~held], y[~held])
-        oof[held] = positive_proba(model, X[held])
+        oof[held] = class_proba(model, X[held])
         models.append(model)
     if test_mode == "refit":
         models = [clone(estimator).fit(X, y)]
@@ -3212,15 +3563,17 @@ class PredictionError(ValueError):
 
 def validate_oof(pred, ids=None, folds: pd.DataFrame | None = None, name: str = "predictions",
                  allow_nan: bool = False) -> np.ndarray:
-    """Check a column of probabilities (and, if given, that it lines up with ids and folds)."""
+    """Check a column of probabilities, or (n, K) class probabilities (and, if given, that they
+    line up with ids and folds)."""
     pred = np.asarray(pred, dtype=float)
-    if pred.ndim != 1:
-        raise PredictionError(f"{name}: expected one probability per row, got shape {pred.shape}")
+    if pred.ndim not in (1, 2):
+        raise PredictionError(f"{name}: expected one probability per row, or one per class, got shape {pred.shape}")
     if ids is not None and len(ids) != len(pred):
         raise PredictionError(f"{name}: {len(pred)} predictions for {len(ids)} ids")
     bad = np.isnan(pred)
     if bad.any() and not allow_nan:
-        raise PredictionError(f"{name}: {bad.sum()} NaN predictions (first at row {np.argmax(bad)})")
+        rows = bad if bad.ndim == 1 else bad.any(axis=1)
+        raise PredictionError(f"{name}: {rows.sum()} NaN predictions (first at row {np.argmax(rows)})")
     finite = pred[~bad]
     if len(finite) and (finite.min() < 0 or finite.max() > 1):
         raise PredictionError(f"{name}: probabilities must lie in [0, 1]; got "
@@ -3242,22 +3595,40 @@ def level1_prediction_files(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob("*__*.csv"))
 
 
-def save_oof(path: str | Path, ids, labels, fold, oof) -> None:
-    """``id,label,fold,pred`` for every training row."""
-    validate_oof(oof, ids, name=str(path))
-    pd.DataFrame({"id": ids, "label": labels, "fold": fold, "pred": oof}).to_csv(path, index=False)
+CLASS_PREFIX = "pred:"  # K > 2 classes: one column "pred:<class>" per class
 
 
-def save_test(path: str | Path, ids, pred) -> None:
+def _pred_columns(pred: np.ndarray, classes) -> dict:
+    """``pred`` (two classes: P(class 1)), or ``pred:<class>`` for each of K > 2 classes."""
+    if pred.ndim == 1:
+        return {"pred": pred}
+    names = list(classes) if classes is not None else list(range(pred.shape[1]))
+    return {f"{CLASS_PREFIX}{c}": pred[:, k] for k, c in enumerate(names)}
+
+
+def predictions(df: pd.DataFrame) -> np.ndarray:
+    """The predictions of a saved table: its ``pred`` column, or its (n, K) ``pred:<class>`` columns."""
+    if "pred" in df.columns:
+        return df["pred"].to_numpy()
+    return df[[c for c in df.columns if str(c).startswith(CLASS_PREFIX)]].to_numpy()
+
+
+def save_oof(path: str | Path, ids, labels, fold, oof, classes=None) -> None:
+    """``id,label,fold,pred`` for every training row (``pred:<class>`` columns for K > 2 classes)."""
+    oof = validate_oof(oof, ids, name=str(path))
+    pd.DataFrame({"id": ids, "label": labels, "fold": fold, **_pred_columns(oof, classes)}).to_csv(path, index=False)
+
+
+def save_test(path: str | Path, ids, pred, classes=None) -> None:
     """``id,pred`` for every test row (NaN where the photo could not be read)."""
-    validate_oof(pred, ids, name=str(path), allow_nan=True)
-    pd.DataFrame({"id": ids, "pred": pred}).to_csv(path, index=False)
+    pred = validate_oof(pred, ids, name=str(path), allow_nan=True)
+    pd.DataFrame({"id": ids, **_pred_columns(pred, classes)}).to_csv(path, index=False)
 
 
 def load_oof(path: str | Path, folds: pd.DataFrame | None = None) -> pd.DataFrame:
     """Read saved OOF predictions, checked (and, with ``folds``, checked against them)."""
     df = pd.read_csv(path, dtype={"id": str})
-    validate_oof(df["pred"], df["id"], folds, name=str(path))
+    validate_oof(predictions(df), df["id"], folds, name=str(path))
     if folds is not None and not np.array_equal(df["fold"].to_numpy(), folds["fold"].to_numpy()):
         raise PredictionError(f"{path}: made on other folds than the run's")
     return df
@@ -3270,21 +3641,39 @@ def load_oof(path: str | Path, folds: pd.DataFrame | None = None) -> pd.DataFram
 CLIP = (0.005, 0.995)
 
 
+# The metric's own guard against log(0): Kaggle's, and scikit-learn's before 1.5.
+EPS = 1e-15
+
+
 def clip(p, bounds: tuple[float, float] | None = CLIP) -> np.ndarray:
-    """Clip probabilities to ``bounds`` (None: unchanged)."""
+    """Clip probabilities to ``bounds`` (None: unchanged). Class probabilities (n, K) are clipped,
+    then each row renormalised: what Kaggle's multi-class log loss scores, so the file says it."""
     p = np.asarray(p, dtype=float)
-    return p if bounds is None else np.clip(p, *bounds)
+    if bounds is None:
+        return p
+    p = np.clip(p, *bounds)
+    return p / p.sum(axis=1, keepdims=True) if p.ndim == 2 else p
 
 
 def scores(y, p) -> dict:
-    """Log loss (unclipped and clipped) and accuracy of P(dog) against 0/1 labels."""
+    """Log loss (unclipped and clipped) and accuracy of P(class 1) against 0/1 labels, or of (n, K)
+    class probabilities against class indices (the multi-class log loss, rows renormalised)."""
     y, p = np.asarray(y), np.asarray(p, dtype=float)
+    labels = list(range(2 if p.ndim == 1 else p.shape[1]))
+    predicted = p.argmax(axis=1) if p.ndim == 2 else p > 0.5
     return {
-        "log_loss": float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1])),
-        "log_loss_clipped": float(log_loss(y, clip(p), labels=[0, 1])),
-        "accuracy": float(accuracy_score(y, p > 0.5)),
+        "log_loss": float(log_loss(y, clip(p, (EPS, 1 - EPS)), labels=labels)),
+        "log_loss_clipped": float(log_loss(y, clip(p), labels=labels)),
+        "accuracy": float(accuracy_score(y, predicted)),
         "n": int(len(y)),
     }
+
+
+def per_class_recall(y, p, classes) -> dict[str, float]:
+    """The fraction of each class's photos whose most probable class is their own."""
+    y, predicted = np.asarray(y), np.asarray(p).argmax(axis=1)
+    return {c: float((predicted[y == k] == k).mean()) if (y == k).any() else float("nan")
+            for k, c in enumerate(classes)}
 
 
 CLIP_MODES = ("auto", "on", "off")
@@ -3304,20 +3693,41 @@ def submit_command(path: str | Path, message: str) -> str:
     return f'kaggle competitions submit -c {KAGGLE_COMPETITION.name} -f {path} -m "{message}"'
 
 
-def write_submission(path: str | Path, ids, p, bounds: tuple[float, float] | None = CLIP) -> pd.DataFrame:
-    """``id,label`` with one row per test id in numeric order; NaN (unreadable photo) becomes 0.5."""
-    ids = np.asarray(ids).astype(int)
-    if len(set(ids.tolist())) != len(ids):
+def submission_table(ids, p, bounds: tuple[float, float] | None = CLIP, task: Task = DOGS_VS_CATS) -> pd.DataFrame:
+    """The task's submission: its id column, then P(classes[1]) (two classes), a probability
+    per class, or the most probable class's name (a one-column format with K > 2 classes); rows
+    in the sample submission's order, else in natural id order. An unreadable photo (NaN) gets
+    the uniform 1/K."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
         raise ValueError("submission ids are not unique")
     p = np.asarray(p, dtype=float)
-    p = np.where(np.isnan(p), 0.5, p)
-    sub = pd.DataFrame({"id": ids, "label": clip(p, bounds)}).sort_values("id")
+    p = clip(np.where(np.isnan(p), 1.0 / (2 if p.ndim == 1 else p.shape[1]), p), bounds)
+    if p.ndim == 1:
+        values = {task.columns[0]: p}
+    elif len(task.columns) == 1:
+        values = {task.columns[0]: np.asarray(task.classes)[p.argmax(axis=1)]}
+    else:
+        values = {c: p[:, k] for k, c in enumerate(task.classes)}
+    sub = pd.DataFrame({task.id_column: ids, **values})
+    order = task.test_order or sorted(ids, key=id_order_key)
+    sub = sub.set_index(task.id_column).loc[list(order)].reset_index()
+    if all(i.isdigit() for i in ids):
+        sub[task.id_column] = sub[task.id_column].astype(int)
+    return sub
+
+
+def write_submission(path: str | Path, ids, p, bounds: tuple[float, float] | None = CLIP,
+                     task: Task = DOGS_VS_CATS) -> pd.DataFrame:
+    """``submission_table`` written as CSV (``id,label`` on Dogs vs. Cats)."""
+    sub = submission_table(ids, p, bounds, task)
     sub.to_csv(path, index=False)
     return sub
 
 
 def write_model_submissions(folder: str | Path, ids, predictions: dict[str, np.ndarray],
-                            cv: dict[str, dict], clip_mode: str = "auto") -> dict[str, dict]:
+                            cv: dict[str, dict], clip_mode: str = "auto",
+                            task: Task = DOGS_VS_CATS) -> dict[str, dict]:
     """A Kaggle-ready file per model (``folder/<model>.csv``, named as in test/), each clipped by
     ``clip_rule`` applied to that model's own CV scores; returns, per model, the file (relative
     to the run), whether it is clipped and its CV log loss as submitted."""
@@ -3327,7 +3737,7 @@ def write_model_submissions(folder: str | Path, ids, predictions: dict[str, np.n
     for name, p in predictions.items():
         clipped = clip_rule(cv[name], clip_mode)
         path = prediction_path(folder, name)
-        write_submission(path, ids, p, CLIP if clipped else None)
+        write_submission(path, ids, p, CLIP if clipped else None, task)
         made[name] = {"file": f"{folder.name}/{path.name}", "clipped": clipped,
                       "cv_log_loss": cv[name]["log_loss_clipped" if clipped else "log_loss"]}
     return made
@@ -3357,37 +3767,101 @@ def logit(p):
     return np.log(p / (1 - p))
 
 
-class LogitStacker(BinaryClassifier):
-    """Base for stackers that see the level-1 columns as logits."""
+def model_columns(X: np.ndarray, n_classes: int, who: str) -> np.ndarray:
+    """The level-1 inputs as (n, models, K) for K > 2 classes (columns are model by model)."""
+    if X.shape[1] % n_classes:
+        raise ValueError(f"{who}: {X.shape[1]} columns are not K = {n_classes} class probabilities "
+                         "per level-1 model")
+    return X.reshape(len(X), -1, n_classes)
+
+
+class LogitStacker(Classifier):
+    """Base for stackers that see the level-1 columns as logits (two classes) or class
+    log-probabilities (K > 2)."""
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64)
         target = self._set_classes(y)
-        self.model_ = self._make().fit(logit(check_probabilities(X, type(self).__name__)), target)
+        self.model_ = self._make().fit(self._inputs(X), target)
         return self
+
+    def _inputs(self, X) -> np.ndarray:
+        who = type(self).__name__
+        P = check_probabilities(X, who)
+        if len(self.classes_) == 2:
+            return logit(P)
+        model_columns(P, len(self.classes_), who)
+        return np.log(np.clip(P, LOGIT_EPS, 1.0))
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return self._margin(logit(check_probabilities(X, type(self).__name__)))
+        return self._margin(self._inputs(X))
 
 
 class LRStacker(LogitStacker):
     """Logistic regression on the level-1 logits: a learnt weight per input, plus a bias.
 
+    With K > 2 classes, ``weights="model"`` (the default) keeps that form: one weight per level-1
+    model, shared by its K class log-probabilities, plus a bias per class (a weighted geometric
+    pool of the models, M + K numbers); ``weights="full"`` is a multinomial logistic regression on
+    all M * K log-probabilities (M * K * K weights: it can fix one model's confusions, and overfits
+    sooner; benchmarks/RESULTS.md has both on clothing-small).
+
     Parameters
     ----------
-    C : float, inverse regularisation strength.
+    C : float, inverse regularisation strength (on the weights, not the biases).
+    weights : "model" or "full", the K > 2 form.
     """
 
-    def __init__(self, C: float = 1.0):
+    def __init__(self, C: float = 1.0, weights: str = "model"):
         self.C = C
+        self.weights = weights
 
     def _make(self):
-        return LogisticRegression(C=self.C, max_iter=1000)
+        if len(self.classes_) == 2 or self.weights == "full":
+            return LogisticRegression(C=self.C, max_iter=1000)
+        if self.weights != "model":
+            raise ValueError(f"LRStacker weights must be 'model' or 'full', not {self.weights!r}")
+        return PooledSoftmax(len(self.classes_), self.C)
 
     def _margin(self, Z):
         return self.model_.decision_function(Z)
+
+
+class PooledSoftmax:
+    """softmax(sum_m w_m log p_m + b): a weight per model, a bias per class, fitted by L-BFGS on the
+    mean log loss + ||w||^2 / (2 C n) (scikit-learn's penalty, per row). Starts from the plain
+    geometric mean (w = 1/M)."""
+
+    def __init__(self, n_classes: int, C: float = 1.0):
+        self.n_classes, self.C = n_classes, C
+
+    def fit(self, Z: np.ndarray, y: np.ndarray) -> "PooledSoftmax":
+        from scipy.optimize import minimize
+
+        L = model_columns(Z, self.n_classes, "PooledSoftmax")
+        n, m, k = L.shape
+        onehot = np.eye(k)[y]
+
+        def loss(theta):
+            w, b = theta[:m], theta[m:]
+            z = np.einsum("imk,m->ik", L, w) + b
+            z -= z.max(axis=1, keepdims=True)
+            log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            d = (np.exp(log_p) - onehot) / n
+            value = -(onehot * log_p).sum() / n + w @ w / (2 * self.C * n)
+            grad = np.r_[np.einsum("ik,imk->m", d, L) + w / (self.C * n), d.sum(axis=0)]
+            return value, grad
+
+        start = np.r_[np.full(m, 1.0 / m), np.zeros(k)]
+        theta = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+        self.coef_, self.intercept_ = theta[:m], theta[m:]
+        return self
+
+    def decision_function(self, Z: np.ndarray) -> np.ndarray:
+        L = model_columns(Z, self.n_classes, "PooledSoftmax")
+        return np.einsum("imk,m->ik", L, self.coef_) + self.intercept_
 
 
 class LGBMStacker(LogitStacker):
@@ -3413,7 +3887,7 @@ class LGBMStacker(LogitStacker):
         return self.model_.predict(Z, raw_score=True)
 
 
-class AverageStacker(BinaryClassifier):
+class AverageStacker(Classifier):
     """The baseline: the plain mean of the level-1 probabilities (nothing is learnt)."""
 
     def fit(self, X, y):
@@ -3425,7 +3899,11 @@ class AverageStacker(BinaryClassifier):
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return logit(check_probabilities(X, type(self).__name__).mean(axis=1))
+        P = check_probabilities(X, type(self).__name__)
+        if len(self.classes_) == 2:
+            return logit(P.mean(axis=1))
+        mean = model_columns(P, len(self.classes_), type(self).__name__).mean(axis=1)
+        return np.log(np.clip(mean, LOGIT_EPS, 1.0))  # its softmax is the mean again
 
 
 STACKERS = {
@@ -3454,6 +3932,7 @@ class Ensemble:
     level2: stacker name -> CrossFit over the level-1 columns.
     submit_with: the model whose predictions are the submission.
     clip: the bounds the submission is clipped to, or None.
+    task: what is predicted (classes; two: every model gives P(classes[1]), more: K probabilities).
     """
 
     backbones: list[dict]
@@ -3462,6 +3941,7 @@ class Ensemble:
     level2: dict[str, CrossFit] = field(default_factory=dict)
     submit_with: str = ""
     clip: tuple[float, float] | None = None
+    task: Task = DOGS_VS_CATS
 
     @property
     def model_names(self) -> list[str]:
@@ -3476,9 +3956,10 @@ class Ensemble:
         return [b for b in self.backbones if not b.get("fold_network_of")]
 
     def predict_all(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """P(dog) of every model for rows given as {backbone name: (n, D) features}.
+        """P(dog) (K > 2 classes: (n, K) probabilities) of every model for rows given as
+        {backbone name: (n, D) features}.
 
-        Rows whose features are NaN in a backbone (unreadable photo) get 0.5 from that backbone.
+        Rows whose features are NaN in a backbone (unreadable photo) get 0.5 (1/K) from that backbone.
         """
         out = {name: _predict_level1(cf, features, self.backbone_of(name))
                for name, cf in self.level1.items()}
@@ -3521,7 +4002,7 @@ class Ensemble:
         joblib.dump(saved, folder / "ensemble.joblib")
         summary = {"backbones": saved.backbones, "level1": list(self.level1),
                    "concat_fusion": bool(self.concat), "level2": list(self.level2),
-                   "submit_with": self.submit_with, "clip": self.clip,
+                   "submit_with": self.submit_with, "clip": self.clip, "classes": list(self.task.classes),
                    "test_mode": next(iter(self.level1.values())).test_mode}
         (folder / "ensemble.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -3553,7 +4034,8 @@ def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
     ok = np.isfinite(X).all(axis=1)
-    p = np.full(len(X), 0.5)
+    k = cf.n_classes
+    p = np.full(len(X) if k == 2 else (len(X), k), 1.0 / k)
     if ok.any():
         p[ok] = cf.predict(X[ok])
     return p
@@ -3565,7 +4047,8 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
                  head_params: dict | None = None, tops: dict | None = None,
                  finetuned: dict[str, CrossFit] | None = None,
                  log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
-    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
+    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog) (or
+    (n, K) class probabilities: the stackers then see every level-1 model's K columns).
     ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior;
     ``finetuned``: level-1 models already cross-fitted on these folds (``oof.finetune``)."""
     head_params = head_params or {}
@@ -3729,6 +4212,19 @@ def effect_section(effect: dict, title: str, leave_out: str) -> list[str]:
     return lines + [""]
 
 
+def recall_section(classes: list[str], oof: dict[str, np.ndarray], y: np.ndarray, chosen: str,
+                   cv: dict[str, dict]) -> list[str]:
+    """Per-class recall (OOF) of the chosen model and the best single one: where the errors are."""
+    best_single = min((n for n in oof if "/" in n), key=lambda n: cv[n]["log_loss"], default=chosen)
+    shown = list(dict.fromkeys([chosen, best_single]))
+    recall = {n: per_class_recall(y, oof[n], classes) for n in shown}
+    lines = ["## Per-class recall (out of fold)", "",
+             "| class | photos | " + " | ".join(shown) + " |", "| --- | --- |" + " --- |" * len(shown)]
+    for k, c in enumerate(classes):
+        lines.append(f"| {c} | {int((y == k).sum())} | " + " | ".join(f"{recall[n][c]:.3f}" for n in shown) + " |")
+    return lines + [""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -3738,7 +4234,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
     recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
     table = markdown_table(cv, holdout, chosen, leaderboard)
-    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions)
+    classes = info.get("classes")
+    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions, classes)
     (out / "report.json").write_text(json.dumps(
         {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
          "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
@@ -3747,11 +4244,15 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              f"Data: {', '.join(info['data'])}; {info['n_train']} training photos"
              + (f" ({info['n_holdout']} more held out)" if info.get("n_holdout") else "")
              + f", {info['n_test']} test photos; {info['folds']} folds (seed {info['seed']}).",
+             *([f"Task: {info['task']}."] if info.get("task") else []),
              f"Backbones: {', '.join(info['backbones'])}; heads: {', '.join(info['heads'])}; "
              f"test predictions: {info['test_mode']}.", "",
              table, "",
-             f"Submission: **{chosen}**: {reason}"
+             (f"Submission: **{chosen}**: {reason}" if info.get("n_test") != 0 else
+              f"No test photos, so no submission; the model kept for new photos is **{chosen}**: {reason}")
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
+    if classes and len(classes) > 2:
+        lines += recall_section(classes, oof, y, chosen, cv)
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
     if info.get("finetune_effect"):
@@ -3771,7 +4272,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
 
 def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
                y: np.ndarray, leaderboard: dict[str, dict] | None = None,
-               submissions: dict[str, dict] | None = None) -> dict[str, str]:
+               submissions: dict[str, dict] | None = None, classes: list[str] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -3824,6 +4325,9 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
         plt.close(fig)
         files["CV against the public leaderboard"] = "cv_vs_leaderboard.png"
 
+    if oof[chosen].ndim == 2:
+        files["Confusion matrix (out of fold)"] = confusion_plot(out, oof[chosen], y, chosen, classes)
+        return files
     best_single = min((n for n in names if "/" in n), key=lambda n: cv[n]["log_loss_clipped"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for name in dict.fromkeys([chosen, best_single]):
@@ -3846,6 +4350,34 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
     plt.close(fig)
     files["Calibration and OOF distribution"] = "calibration.png"
     return files
+
+
+def confusion_plot(out: Path, p: np.ndarray, y: np.ndarray, model: str, classes: list[str] | None) -> str:
+    """The chosen model's OOF confusion matrix, rows normalised (recall on the diagonal), counts
+    written in each cell: which classes it mistakes for which."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    k = p.shape[1]
+    names = list(classes) if classes else [str(c) for c in range(k)]
+    counts = confusion_matrix(y, p.argmax(axis=1), labels=list(range(k)))
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.6 + 0.55 * k))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize="small",
+                        color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{model}: out-of-fold confusion (colour: share of the row)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110)
+    plt.close(fig)
+    return "confusion.png"
 
 
 # ==================== stacking/run.py ====================
@@ -4083,7 +4615,7 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     """
     table = {}
     for name, p in oof_without.items():
-        merged = np.empty(len(keep))
+        merged = np.empty((len(keep),) + p.shape[1:])
         merged[keep], merged[~keep] = p, excluded_pred[name]
         table[name] = {"kept_rows": {"with": scores(y_all[keep], oof_with[name][keep]),
                                      "without": scores(y_all[keep], p)},
@@ -4173,10 +4705,15 @@ def planned_models(backbones: list[Backbone], heads: list[str], weights, imagene
     return level1 + ([CONCAT] if concat else []) + (list(STACKERS) if len(level1) > 1 else [])
 
 
-def check_args(args: argparse.Namespace) -> Plan:
+def imagenet_prior_on(args: argparse.Namespace, task: Task) -> bool:
+    """The ImageNet priors are cat-or-dog odds: on for that task unless --no-imagenet says no."""
+    return task.cats_and_dogs and not args.no_imagenet
+
+
+def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
     """Every mistake that can be found before extraction, in one sentence naming it: unknown
-    backbones, heads or models, settings that cannot work, an output folder that cannot be written
-    (it is made here)."""
+    backbones, heads or models, settings that cannot work for this ``task``, an output folder
+    that cannot be written (it is made here)."""
     backbones = _names(args.backbones)
     entries = [get_backbone(b) for b in backbones]  # an unknown name is refused here
     if not backbones:
@@ -4189,6 +4726,12 @@ def check_args(args: argparse.Namespace) -> Plan:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
+    if finetune and not task.binary:
+        if not auto:
+            raise ValueError(f"--finetune {args.finetune}: fine-tuning trains a two-class head in this version, "
+                             f"and this task has {task.n_classes} classes; leave --finetune out")
+        log.info("fine-tuning: off, since it trains a two-class head and this task has %d classes", task.n_classes)
+        finetune = []
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
@@ -4203,7 +4746,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    check_submit_with(args, entries, heads, tuned)
+    check_submit_with(args, entries, heads, tuned, task=task)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -4216,11 +4759,11 @@ def check_args(args: argparse.Namespace) -> Plan:
 
 
 def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: list[str],
-                      tuned: list[Backbone], why: str = "") -> None:
+                      tuned: list[Backbone], why: str = "", task: Task = DOGS_VS_CATS) -> None:
     """``--submit-with`` must name a model this run will have (``why``: what changed the plan)."""
     if not args.submit_with:
         return
-    models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned, not args.no_concat)
+    models = planned_models(entries, heads, args.weights, imagenet_prior_on(args, task), tuned, not args.no_concat)
     if args.submit_with not in models:
         raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have{why}: "
                        + ", ".join(models))
@@ -4230,15 +4773,17 @@ def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None, se
     """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
     or a class with fewer training photos than folds."""
     # (One class cannot be split stratified; the photos as they are then say it.)
+    classes = photos.task.classes
     kept = split_holdout(photos, holdout, seed)[0] if len({p.label for p in photos.train}) > 1 else photos.train
-    counts = pd.Series([p.label for p in kept]).value_counts()
+    counts = pd.Series([p.label for p in kept]).value_counts().reindex(range(len(classes)), fill_value=0)
     where = ", ".join(photos.sources)
-    if len(counts) < 2:
+    if (counts > 0).sum() < 2:
         raise DataError(f"{where}: the training photos are all of one class "
-                        f"({CLASSES[int(counts.index[0])] if len(counts) else 'none'}); a classifier needs both")
+                        f"({classes[int(counts.idxmax())] if counts.any() else 'none'}); a classifier needs two at least")
     if n_folds and counts.min() < n_folds:
-        raise DataError(f"{where}: {CLASSES[int(counts.idxmin())]} has {counts.min()} training photos, "
-                        f"fewer than the {n_folds} folds")
+        few = [f"{classes[k]} ({n})" for k, n in counts.items() if n < n_folds]
+        raise DataError(f"{where}: {', '.join(few[:5])}{' ...' if len(few) > 5 else ''}: fewer training photos "
+                        f"than the {n_folds} folds (a class needs one photo in every fold)")
 
 
 @dataclass
@@ -4291,22 +4836,27 @@ def features_of(feats: BackboneFeatures, tuned: FineTuned, ids: list[str], split
 
 
 def write_outputs(out: Path, fitted: Fitted, test_pred: dict[str, np.ndarray], test_ids: list[str],
-                  submit_with: str | None, clip_mode: str) -> tuple[dict, str, bool, str, dict]:
+                  submit_with: str | None, clip_mode: str, task: Task = DOGS_VS_CATS) -> tuple[dict, str, bool, str, dict]:
     """Stage 5: the ensemble (model/), every model's OOF and test predictions, submission.csv and
-    one submission per model. Returns (CV scores, chosen model, clipped, why, submissions)."""
+    one submission per model (none without test photos). Returns (CV scores, chosen model,
+    clipped, why, submissions)."""
     ensemble, oof = fitted.ensemble, fitted.oof
     cv = {name: scores(fitted.y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
-    ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
+    ensemble.submit_with, ensemble.clip, ensemble.task = chosen, CLIP if clipped else None, task
     ensemble.save(out / "model")
     (out / "oof").mkdir(exist_ok=True)
-    (out / "test").mkdir(exist_ok=True)
     for name, p in oof.items():
-        save_oof(prediction_path(out / "oof", name), fitted.ids, fitted.y, fitted.fold, p)
+        save_oof(prediction_path(out / "oof", name), fitted.ids, fitted.y, fitted.fold, p, task.classes)
+    if not test_ids:
+        log.info("no test photos: no submission (the model in %s predicts new photos: python -m stacking.predict)",
+                 out / "model")
+        return cv, chosen, clipped, reason, {}
+    (out / "test").mkdir(exist_ok=True)
     for name, p in test_pred.items():
-        save_test(prediction_path(out / "test", name), test_ids, p)
-    write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
-    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, clip_mode)
+        save_test(prediction_path(out / "test", name), test_ids, p, task.classes)
+    write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip, task)
+    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, clip_mode, task)
     return cv, chosen, clipped, reason, submissions
 
 
@@ -4317,23 +4867,27 @@ def score_holdout(out: Path, held: list, predict, models) -> dict | None:
         return None
     held_ids, held_y = [p.id for p in held], np.array([p.label for p in held])
     predicted = predict(held_ids)
-    pd.DataFrame({"id": held_ids, "label": held_y, **predicted}).to_csv(out / "holdout.csv", index=False)
+    own = {name if p.ndim == 1 else f"{name}:P(label)": p if p.ndim == 1 else p[np.arange(len(p)), held_y]
+           for name, p in predicted.items()}  # K > 2 classes: the probability each gave the photo's class
+    pd.DataFrame({"id": held_ids, "label": held_y, **own}).to_csv(out / "holdout.csv", index=False)
     return {name: scores(held_y, predicted[name]) for name in models}
 
 
 def run(args: argparse.Namespace) -> dict:
     """Features -> folds -> level 1 (heads, priors, fine-tuned networks) -> level 2 -> outputs."""
     started = time.time()
-    plan = check_args(args)
+    photos = load_photos(args.data, labels=args.labels)
+    log.info("%s", photos.task.describe(len(photos.train), len(photos.test)))
+    plan = check_args(args, photos.task)
     out = Path(args.out)
-    photos = load_photos(args.data)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
     finetune = plan_finetune(plan, photos, args)
     if list(finetune) != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
-                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
+                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget",
+                          photos.task)
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
-                   args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
+                   args.batch_size, args.precision, args.decode_once, imagenet_prior_on(args, photos.task))
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
     tuned = finetune_all(finetune, args.finetune_epochs, args.seed, photos, feats.loaded, data,
@@ -4342,7 +4896,7 @@ def run(args: argparse.Namespace) -> dict:
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
     cv, chosen, clipped, reason, submissions = write_outputs(out, fitted, test_pred, test_ids,
-                                                             args.submit_with, args.clip)
+                                                             args.submit_with, args.clip, photos.task)
     holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
         features_of(feats, tuned, ids, "train")), cv)
     level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
@@ -4353,13 +4907,15 @@ def run(args: argparse.Namespace) -> dict:
             "imagenet_prior": effect_of(of_kind(level1, PRIOR), fitted.oof, level1, y, fold, stackers),
             "finetune_effect": effect_of(of_kind(level1, FINETUNED), fitted.oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
+            "task": photos.task.describe(len(photos.train), len(test_ids)), "classes": list(photos.task.classes),
             "backbones": plan.backbones, "heads": plan.heads, "test_mode": args.test_mode,
             "unreadable": feats.unreadable, "backbone_details": feats.described,
             "seconds": round(time.time() - started, 1), "fit_seconds": round(fitted.seconds, 1)}
     table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
-          f"report: {out / 'report.md'}")
+          f"report: {out / 'report.md'}" if test_ids else
+          f"\nno test photos, so no submission; model: {out / 'model'} ({chosen}); report: {out / 'report.md'}")
     return {"cv": cv, "holdout": holdout, "chosen": chosen}
 
 
@@ -4367,7 +4923,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stacking.run", description=__doc__.split("\n\n")[0])
     on_kaggle = KAGGLE_COMPETITION.exists()
     parser.add_argument("--data", nargs="+", default=[str(d) for d in default_data_dirs()],
-                        help="Kaggle-layout folder(s); default: the Kaggle input, else the shared sample")
+                        help="data folder(s), in any layout read (Kaggle Dogs vs. Cats, class folders "
+                             "train/<class>/*, or a labels CSV beside train/); default: the Kaggle input, "
+                             "else the shared sample")
+    parser.add_argument("--labels", default=None,
+                        help="the labels CSV (an id and a label column) when it is not train.csv or "
+                             "labels.csv in the data folder")
     parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
                         help="comma-separated registry names or .keras paths (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=5, help="number of stratified folds (default: 5)")
@@ -4472,6 +5033,24 @@ def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | 
     return joined
 
 
+def input_data(root: Path, given: bool) -> list[str]:
+    """The data folder under the input root: the Dogs vs. Cats competition's where it is attached,
+    else the one folder of any layout there (another competition's train.csv and
+    sample_submission.csv, or a dataset of class folders); outside Kaggle, the shared sample."""
+    if (root / KAGGLE_COMPETITION.name).is_dir():
+        return [str(root / KAGGLE_COMPETITION.name)]
+    if not given and not root.is_dir():
+        return [str(d) for d in default_data_dirs()]
+    found = find_data_dirs(root)
+    if len(found) != 1:
+        raise DataError(f"{root}: {'no data folder' if not found else 'several data folders'} found"
+                        + (f" ({', '.join(str(f.relative_to(root)) for f in found)})" if found else
+                           " (a train/ folder, train.zip or a labels CSV)")
+                        + "; set DATA (or pass --data) to the one to use")
+    log.info("kernel: data from %s", found[0])
+    return [str(found[0])]
+
+
 def own_argv() -> list[str]:
     """The command-line flags meant for the kernel: ``sys.argv[1:]`` when it runs as a file
     (``python kernel.py ...``, ``%run kernel.py ...``), none when it is pasted into a notebook
@@ -4484,8 +5063,9 @@ def own_argv() -> list[str]:
 
 def kaggle_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kernel.py", description="Dogs vs. Cats Redux: GAP features of pretrained CNNs, "
-        "out-of-fold heads and stacking; writes submission.csv and a report.",
+        prog="kernel.py", description="Dogs vs. Cats Redux, or any labelled photos (class folders, a "
+        "labels CSV): GAP features of pretrained CNNs, out-of-fold heads and stacking; writes "
+        "submission.csv and a report.",
         epilog="Any other stacking.run flag (--holdout, --heads, --submit-with, ...) is passed on.")
     parser.add_argument("--input", default=INPUT,
                         help="where the competition and attached datasets are (default: /kaggle/input)")
@@ -4508,8 +5088,11 @@ def kaggle_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
         return 2
     weights = args.weights_dir or find_weights_dir(backbones, root)
-    data = args.data or ([str(root / KAGGLE_COMPETITION.name)] if args.input
-                         else [str(d) for d in default_data_dirs()])
+    try:
+        data = args.data or input_data(root, bool(args.input))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or (str(KAGGLE_WORKING) if KAGGLE_WORKING.is_dir() else None)
     if not has_gpu() and KAGGLE_INPUT.is_dir():
         log.warning("No GPU: this notebook runs on the CPU, many times slower. In the notebook's "

@@ -50,7 +50,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """ImageNet class probabilities from cached logits."""
+    """Class probabilities from logits (n, K): ImageNet's from cached logits, a K-class head's."""
     return np.exp(log_softmax(logits))
 
 

@@ -17,7 +17,8 @@ TEST_MODES = ("fold_mean", "refit")
 
 @dataclass
 class CrossFit:
-    """oof: P(class 1) for every training row, from the model that did not see its fold.
+    """oof: P(class 1) (two classes; (n, K) class probabilities for more) for every training row,
+    from the model that did not see its fold.
     models: the fold models (fold_mean) or the single refitted model (refit).
     inputs: None when every model reads the same features; else, per model, the name of the
     features it reads (a fine-tuned fold network's own GAP features, ``oof.finetune``)."""
@@ -28,32 +29,40 @@ class CrossFit:
     inputs: list[str] | None = None
 
     def predict(self, X) -> np.ndarray:
-        """P(class 1) for new rows, the way the test set is predicted."""
-        return np.mean([positive_proba(m, X) for m in self.models], axis=0)
+        """P(class 1) (or the K class probabilities) for new rows, the way the test set is predicted."""
+        if len(X) == 0:
+            return np.empty(self.oof.shape[1:] and (0, self.n_classes) or (0,))
+        return np.mean([class_proba(m, X) for m in self.models], axis=0)
+
+    @property
+    def n_classes(self) -> int:
+        return 2 if self.oof.ndim == 1 else self.oof.shape[1]
 
 
-def positive_proba(model, X) -> np.ndarray:
-    """P(class 1) from a fitted classifier."""
-    return model.predict_proba(X)[:, 1]
+def class_proba(model, X) -> np.ndarray:
+    """What every level passes on: P(class 1) from a two-class classifier, (n, K) from a K-class one."""
+    p = model.predict_proba(X)
+    return p[:, 1] if p.shape[1] == 2 else p
 
 
 def cross_fit(estimator, X, y, fold: np.ndarray, test_mode: str = "fold_mean") -> CrossFit:
     """Fit ``estimator`` once per fold on the other folds; predict the held-out fold.
 
     Equals ``cross_val_predict(estimator, X, y, cv=PredefinedSplit(fold), method="predict_proba")``
-    on the positive class.
+    on the positive class (on every class for K > 2).
     """
     if test_mode not in TEST_MODES:
         raise ValueError(f"test_mode must be one of {', '.join(TEST_MODES)}; got {test_mode!r}")
     X, y, fold = np.asarray(X), np.asarray(y), np.asarray(fold)
     if not (len(X) == len(y) == len(fold)):
         raise ValueError(f"X, y and fold disagree in length: {len(X)}, {len(y)}, {len(fold)}")
-    oof = np.full(len(y), np.nan)
+    n_classes = len(np.unique(y))
+    oof = np.full(len(y) if n_classes == 2 else (len(y), n_classes), np.nan)
     models = []
     for k in np.unique(fold):
         held = fold == k
         model = clone(estimator).fit(X[~held], y[~held])
-        oof[held] = positive_proba(model, X[held])
+        oof[held] = class_proba(model, X[held])
         models.append(model)
     if test_mode == "refit":
         models = [clone(estimator).fit(X, y)]

@@ -24,44 +24,67 @@ except ImportError:  # scikit-learn < 1.6 (older Kaggle images): the same check 
         return estimator._validate_data(X, y, reset=reset, **kwargs)
 
 from features.defaults import SEED
+from features.imagenet import softmax
 
 
 def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: int):
     """(scaler, logistic regression, C used) on standardised ``X``; C "auto": the one of ``Cs``
-    with the lowest inner stratified 3-fold CV log loss on these rows."""
+    with the lowest inner stratified 3-fold CV log loss on these rows (2 folds where a class has
+    2 photos; the middle of ``Cs`` where one has a single photo)."""
     scaler = StandardScaler().fit(X)
     Z = scaler.transform(X)
+    fewest = int(np.unique(target, return_counts=True)[1].min())
+    if C == "auto" and fewest < 2:  # no inner CV can hold out a photo of every class: the middle C
+        C = sorted(Cs)[len(Cs) // 2]
     if C == "auto":
         with warnings.catch_warnings():  # scikit-learn 1.9 announces attribute changes
             warnings.simplefilter("ignore", FutureWarning)
-            lr = LogisticRegressionCV(Cs=list(Cs), cv=3, scoring="neg_log_loss",
+            # (3 inner folds, fewer where a class has fewer photos: stratified folds need one each)
+            lr = LogisticRegressionCV(Cs=list(Cs), cv=min(3, fewest), scoring="neg_log_loss",
                                       max_iter=max_iter).fit(Z, target)
         return scaler, lr, float(np.ravel(lr.C_)[0])
     return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
 
 
-class BinaryClassifier(ClassifierMixin, BaseEstimator):
-    """What our binary estimators share: classes, predict from P(class 1), tags."""
+class Classifier(ClassifierMixin, BaseEstimator):
+    """What our estimators share, for two classes or K: ``decision_function`` is the logit of
+    P(classes_[1]) for two classes (the binary task stays exactly what it was), class logits
+    (n, K) for more; ``predict_proba`` and ``predict`` follow from it."""
 
     def _set_classes(self, y) -> np.ndarray:
+        """Record the classes; the training target: 0/1 floats for two classes, else class indices."""
         check_classification_targets(y)
-        y_type = type_of_target(y, input_name="y")
-        if y_type != "binary":
-            raise ValueError("Only binary classification is supported. The type of the target "
-                             f"is {y_type}.")
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs both classes; y has only one class "
+            raise ValueError(f"{type(self).__name__} needs two classes at least; y has only one class "
                              f"({self.classes_[0]!r})")
-        return (y == self.classes_[1]).astype(np.float32)
+        if len(self.classes_) == 2:
+            return (y == self.classes_[1]).astype(np.float32)
+        return np.searchsorted(self.classes_, y)
 
     def predict_proba(self, X) -> np.ndarray:
-        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        z = self.decision_function(X)
+        if z.ndim == 2:
+            return softmax(z)
+        p = 1.0 / (1.0 + np.exp(-z))
         return np.column_stack([1 - p, p])
 
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self)
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+        z = self.decision_function(X)
+        return self.classes_[np.argmax(z, axis=1) if z.ndim == 2 else (z > 0).astype(int)]
+
+
+class BinaryClassifier(Classifier):
+    """A model made for two classes only (the cat-or-dog ImageNet prior, a fine-tuned network's
+    sigmoid head)."""
+
+    def _set_classes(self, y) -> np.ndarray:
+        y_type = type_of_target(y, input_name="y")
+        if y_type not in ("binary", "unknown") and len(np.unique(y)) > 2:
+            raise ValueError("Only binary classification is supported. The type of the target "
+                             f"is {y_type}.")
+        return super()._set_classes(y)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -69,8 +92,8 @@ class BinaryClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
 
-class LogisticHead(BinaryClassifier):
-    """The default head: standardised features, L2 logistic regression.
+class LogisticHead(Classifier):
+    """The default head: standardised features, L2 logistic regression (multinomial for K > 2).
 
     The best regularisation depends on the backbone and the data (on the shared photos it moved
     from 0.1 on 1,600 photos to 0.01 on 7,700), so by default C is chosen by an inner stratified
@@ -104,8 +127,9 @@ class LogisticHead(BinaryClassifier):
         return self.lr_.decision_function(self.scaler_.transform(X))
 
 
-class KerasHead(BinaryClassifier):
-    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras.
+class KerasHead(Classifier):
+    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras (Dense(K, softmax)
+    for K > 2 classes).
 
     At prediction time dropout is the identity, so the fitted head is a linear model; it is kept
     as ``coef_``/``intercept_`` (on standardised features), which makes the estimator picklable
@@ -141,14 +165,17 @@ class KerasHead(BinaryClassifier):
         self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
         Z = (X - self.mean_) / self.scale_
         keras.utils.set_random_seed(self.random_state)
-        dense = keras.layers.Dense(1, activation="sigmoid",
+        binary = len(self.classes_) == 2
+        dense = keras.layers.Dense(1 if binary else len(self.classes_), activation="sigmoid" if binary else "softmax",
                                    kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
         model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss="binary_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+                      loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
         model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
         kernel, bias = dense.get_weights()
-        self.coef_ = kernel[:, 0].astype(np.float64)
-        self.intercept_ = float(bias[0])
+        # Two classes: one logit, coef_ (D,); K classes: coef_ (D, K), intercept_ (K,).
+        self.coef_ = (kernel[:, 0] if binary else kernel).astype(np.float64)
+        self.intercept_ = float(bias[0]) if binary else bias.astype(np.float64)
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -170,8 +197,11 @@ def make_head(name: str, **params):
     return HEADS[name](**params)
 
 
-def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b."""
+def linear_parts(head) -> tuple[np.ndarray, np.ndarray, np.ndarray, float | np.ndarray]:
+    """(mean, scale, coef, intercept) of a fitted linear head: logit = ((x - mean) / scale) @ coef + b
+    (coef (D,) and one logit for two classes; (D, K) and K class logits for more)."""
     if hasattr(head, "scale_"):  # KerasHead, and a fine-tuned network's DenseHead
         return head.mean_, head.scale_, head.coef_, head.intercept_
+    if len(head.classes_) > 2:
+        return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_.T, head.lr_.intercept_
     return head.scaler_.mean_, head.scaler_.scale_, head.lr_.coef_[0], float(head.lr_.intercept_[0])

@@ -20,6 +20,7 @@ import joblib
 import numpy as np
 
 from features.cache import atomic_write, read_int8_graph
+from features.task import DOGS_VS_CATS, Task
 from oof.crossfit import CrossFit, cross_fit
 from oof.heads import KerasHead, make_head
 from oof.prior import ImageNetPrior
@@ -42,6 +43,7 @@ class Ensemble:
     level2: stacker name -> CrossFit over the level-1 columns.
     submit_with: the model whose predictions are the submission.
     clip: the bounds the submission is clipped to, or None.
+    task: what is predicted (classes; two: every model gives P(classes[1]), more: K probabilities).
     """
 
     backbones: list[dict]
@@ -50,6 +52,7 @@ class Ensemble:
     level2: dict[str, CrossFit] = field(default_factory=dict)
     submit_with: str = ""
     clip: tuple[float, float] | None = None
+    task: Task = DOGS_VS_CATS
 
     @property
     def model_names(self) -> list[str]:
@@ -64,9 +67,10 @@ class Ensemble:
         return [b for b in self.backbones if not b.get("fold_network_of")]
 
     def predict_all(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """P(dog) of every model for rows given as {backbone name: (n, D) features}.
+        """P(dog) (K > 2 classes: (n, K) probabilities) of every model for rows given as
+        {backbone name: (n, D) features}.
 
-        Rows whose features are NaN in a backbone (unreadable photo) get 0.5 from that backbone.
+        Rows whose features are NaN in a backbone (unreadable photo) get 0.5 (1/K) from that backbone.
         """
         out = {name: _predict_level1(cf, features, self.backbone_of(name))
                for name, cf in self.level1.items()}
@@ -109,7 +113,7 @@ class Ensemble:
         joblib.dump(saved, folder / "ensemble.joblib")
         summary = {"backbones": saved.backbones, "level1": list(self.level1),
                    "concat_fusion": bool(self.concat), "level2": list(self.level2),
-                   "submit_with": self.submit_with, "clip": self.clip,
+                   "submit_with": self.submit_with, "clip": self.clip, "classes": list(self.task.classes),
                    "test_mode": next(iter(self.level1.values())).test_mode}
         (folder / "ensemble.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -141,7 +145,8 @@ def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
     ok = np.isfinite(X).all(axis=1)
-    p = np.full(len(X), 0.5)
+    k = cf.n_classes
+    p = np.full(len(X) if k == 2 else (len(X), k), 1.0 / k)
     if ok.any():
         p[ok] = cf.predict(X[ok])
     return p
@@ -153,7 +158,8 @@ def fit_ensemble(backbones: list[dict], features: dict[str, np.ndarray], y: np.n
                  head_params: dict | None = None, tops: dict | None = None,
                  finetuned: dict[str, CrossFit] | None = None,
                  log=print) -> tuple[Ensemble, dict[str, np.ndarray]]:
-    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog).
+    """Fit every level on the same folds; returns the ensemble and each model's OOF P(dog) (or
+    (n, K) class probabilities: the stackers then see every level-1 model's K columns).
     ``tops``: {backbone name: ImageNetTop} of the backbones that get an ImageNet prior;
     ``finetuned``: level-1 models already cross-fitted on these folds (``oof.finetune``)."""
     head_params = head_params or {}

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from features.data import DataError, find_data_dirs
 from features.defaults import KAGGLE_COMPETITION, KAGGLE_INPUT, KAGGLE_WORKING, default_data_dirs
 from features.extract import setup_logging
 from features.registry import get_backbone
@@ -20,7 +21,8 @@ from stacking.run import log, main
 # --- settings ---
 # Edit these, or pass them as flags (python kernel.py --help).
 INPUT = None  # None: /kaggle/input, where Kaggle mounts the competition and attached datasets
-DATA = None  # None: the competition's folder under INPUT (dogs-vs-cats-redux-kernels-edition)
+DATA = None  # None: the competition's folder under INPUT (dogs-vs-cats-redux-kernels-edition), else
+#              the one data folder there (train.csv + sample_submission.csv, or train/<class>/ folders)
 OUT = None  # None: /kaggle/working on Kaggle, else runs/<timestamp>
 BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public write-ups' four
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
@@ -63,6 +65,24 @@ def find_weights_dir(backbones: list[str], root: Path = KAGGLE_INPUT) -> Path | 
     return joined
 
 
+def input_data(root: Path, given: bool) -> list[str]:
+    """The data folder under the input root: the Dogs vs. Cats competition's where it is attached,
+    else the one folder of any layout there (another competition's train.csv and
+    sample_submission.csv, or a dataset of class folders); outside Kaggle, the shared sample."""
+    if (root / KAGGLE_COMPETITION.name).is_dir():
+        return [str(root / KAGGLE_COMPETITION.name)]
+    if not given and not root.is_dir():
+        return [str(d) for d in default_data_dirs()]
+    found = find_data_dirs(root)
+    if len(found) != 1:
+        raise DataError(f"{root}: {'no data folder' if not found else 'several data folders'} found"
+                        + (f" ({', '.join(str(f.relative_to(root)) for f in found)})" if found else
+                           " (a train/ folder, train.zip or a labels CSV)")
+                        + "; set DATA (or pass --data) to the one to use")
+    log.info("kernel: data from %s", found[0])
+    return [str(found[0])]
+
+
 def own_argv() -> list[str]:
     """The command-line flags meant for the kernel: ``sys.argv[1:]`` when it runs as a file
     (``python kernel.py ...``, ``%run kernel.py ...``), none when it is pasted into a notebook
@@ -75,8 +95,9 @@ def own_argv() -> list[str]:
 
 def kaggle_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kernel.py", description="Dogs vs. Cats Redux: GAP features of pretrained CNNs, "
-        "out-of-fold heads and stacking; writes submission.csv and a report.",
+        prog="kernel.py", description="Dogs vs. Cats Redux, or any labelled photos (class folders, a "
+        "labels CSV): GAP features of pretrained CNNs, out-of-fold heads and stacking; writes "
+        "submission.csv and a report.",
         epilog="Any other stacking.run flag (--holdout, --heads, --submit-with, ...) is passed on.")
     parser.add_argument("--input", default=INPUT,
                         help="where the competition and attached datasets are (default: /kaggle/input)")
@@ -99,8 +120,11 @@ def kaggle_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0]} (in BACKBONES / FINETUNE, or --backbones / --finetune)", file=sys.stderr)
         return 2
     weights = args.weights_dir or find_weights_dir(backbones, root)
-    data = args.data or ([str(root / KAGGLE_COMPETITION.name)] if args.input
-                         else [str(d) for d in default_data_dirs()])
+    try:
+        data = args.data or input_data(root, bool(args.input))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = args.out or (str(KAGGLE_WORKING) if KAGGLE_WORKING.is_dir() else None)
     if not has_gpu() and KAGGLE_INPUT.is_dir():
         log.warning("No GPU: this notebook runs on the CPU, many times slower. In the notebook's "

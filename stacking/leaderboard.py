@@ -30,7 +30,7 @@ import pandas as pd
 
 from features.defaults import KAGGLE_COMPETITION
 from features.models import file_md5
-from oof.store import load_oof, prediction_path
+from oof.store import load_oof, prediction_path, predictions
 from stacking.kaggle_client import KaggleError
 from stacking.report import write_report
 from stacking.submission import SUBMISSIONS, clip_rule
@@ -171,7 +171,7 @@ def rerender(folder: Path, report: dict, board: dict[str, dict]) -> None:
     y = next(iter(oof.values()))["label"].to_numpy()
     write_report(folder, info, report["cv"], report["holdout"], report["submit_with"],
                  report["clip"] is not None, report["reason"],
-                 {name: df["pred"].to_numpy() for name, df in oof.items()}, y,
+                 {name: predictions(df) for name, df in oof.items()}, y,
                  report.get("submissions"), board)
 
 

@@ -1,9 +1,12 @@
-"""P(dog) for new photos from a saved ensemble.
+"""P(dog) (or, with K > 2 classes, the class and every class's probability) for new photos from a
+saved ensemble.
 
     python -m stacking.predict --model OUT/model PHOTO [PHOTO ...]
 
-Prints ``photo<TAB>P(dog)`` per photo, computed exactly as the run computed its test predictions
-(same backbones, weights, runtime choice, heads, stacker and clipping).
+Prints ``photo<TAB>P(dog)`` per photo (two classes: P of the task's second class), or
+``photo<TAB>class<TAB>class p, class p, ...`` (every class, most probable first), computed exactly
+as the run computed its test predictions (same backbones, weights, runtime choice, heads, stacker
+and clipping).
 """
 
 from __future__ import annotations
@@ -74,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     photos = [Photo(Path(p).name, -1, p) for p in args.photos]
     p, reasons = predictor.predict_photos(photos)
+    classes = predictor.ensemble.task.classes
     for photo, prob, reason in zip(photos, p, reasons):
         if reason:
             print(f"{photo.path}\terror: {reason}")
-        else:
+        elif np.ndim(prob) == 0:
             print(f"{photo.path}\t{prob:.6f}")
+        else:
+            order = np.argsort(-prob, kind="stable")
+            print(f"{photo.path}\t{classes[order[0]]}\t" + ", ".join(f"{classes[k]} {prob[k]:.6f}" for k in order))
     return 1 if any(reasons) else 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stacking.submission import CLIP, clip_rule, submit_command
+from stacking.submission import CLIP, clip_rule, per_class_recall, submit_command
 
 
 def choose_model(cv: dict[str, dict], requested: str | None = None,
@@ -125,6 +125,19 @@ def effect_section(effect: dict, title: str, leave_out: str) -> list[str]:
     return lines + [""]
 
 
+def recall_section(classes: list[str], oof: dict[str, np.ndarray], y: np.ndarray, chosen: str,
+                   cv: dict[str, dict]) -> list[str]:
+    """Per-class recall (OOF) of the chosen model and the best single one: where the errors are."""
+    best_single = min((n for n in oof if "/" in n), key=lambda n: cv[n]["log_loss"], default=chosen)
+    shown = list(dict.fromkeys([chosen, best_single]))
+    recall = {n: per_class_recall(y, oof[n], classes) for n in shown}
+    lines = ["## Per-class recall (out of fold)", "",
+             "| class | photos | " + " | ".join(shown) + " |", "| --- | --- |" + " --- |" * len(shown)]
+    for k, c in enumerate(classes):
+        lines.append(f"| {c} | {int((y == k).sum())} | " + " | ".join(f"{recall[n][c]:.3f}" for n in shown) + " |")
+    return lines + [""]
+
+
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
@@ -134,7 +147,8 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
     recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
     table = markdown_table(cv, holdout, chosen, leaderboard)
-    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions)
+    classes = info.get("classes")
+    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions, classes)
     (out / "report.json").write_text(json.dumps(
         {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
          "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
@@ -143,11 +157,15 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
              f"Data: {', '.join(info['data'])}; {info['n_train']} training photos"
              + (f" ({info['n_holdout']} more held out)" if info.get("n_holdout") else "")
              + f", {info['n_test']} test photos; {info['folds']} folds (seed {info['seed']}).",
+             *([f"Task: {info['task']}."] if info.get("task") else []),
              f"Backbones: {', '.join(info['backbones'])}; heads: {', '.join(info['heads'])}; "
              f"test predictions: {info['test_mode']}.", "",
              table, "",
-             f"Submission: **{chosen}**: {reason}"
+             (f"Submission: **{chosen}**: {reason}" if info.get("n_test") != 0 else
+              f"No test photos, so no submission; the model kept for new photos is **{chosen}**: {reason}")
              + (f" (bounds {list(CLIP)})." if clipped else "."), ""]
+    if classes and len(classes) > 2:
+        lines += recall_section(classes, oof, y, chosen, cv)
     if submissions:
         lines += submissions_section(submissions, Path(info["out"]))
     if info.get("finetune_effect"):
@@ -167,7 +185,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
 
 def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
                y: np.ndarray, leaderboard: dict[str, dict] | None = None,
-               submissions: dict[str, dict] | None = None) -> dict[str, str]:
+               submissions: dict[str, dict] | None = None, classes: list[str] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,6 +238,9 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
         plt.close(fig)
         files["CV against the public leaderboard"] = "cv_vs_leaderboard.png"
 
+    if oof[chosen].ndim == 2:
+        files["Confusion matrix (out of fold)"] = confusion_plot(out, oof[chosen], y, chosen, classes)
+        return files
     best_single = min((n for n in names if "/" in n), key=lambda n: cv[n]["log_loss_clipped"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for name in dict.fromkeys([chosen, best_single]):
@@ -242,3 +263,31 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
     plt.close(fig)
     files["Calibration and OOF distribution"] = "calibration.png"
     return files
+
+
+def confusion_plot(out: Path, p: np.ndarray, y: np.ndarray, model: str, classes: list[str] | None) -> str:
+    """The chosen model's OOF confusion matrix, rows normalised (recall on the diagonal), counts
+    written in each cell: which classes it mistakes for which."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    k = p.shape[1]
+    names = list(classes) if classes else [str(c) for c in range(k)]
+    counts = confusion_matrix(y, p.argmax(axis=1), labels=list(range(k)))
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.6 + 0.55 * k))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize="small",
+                        color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{model}: out-of-fold confusion (colour: share of the row)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110)
+    plt.close(fig)
+    return "confusion.png"

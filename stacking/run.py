@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 
 from features.cache import StaleCacheError, cache_path, load_features, read_attrs
-from features.data import CLASSES, DataError, PhotoSet, load_photos
+from features.data import DataError, PhotoSet, load_photos
 from features.defaults import CACHE_DIR, KAGGLE_COMPETITION, KAGGLE_WORKING, SEED, default_data_dirs
 from features.extract import check_precision, extract, extract_many, setup_logging
 from features.models import resolve_weights, weights_identity
 from features.imagenet import top_weights
 from features.registry import Backbone, get_backbone, list_backbones
 from features.runtime import PRECISIONS, choose_precision, has_gpu
+from features.task import DOGS_VS_CATS, Task
 from oof.crossfit import TEST_MODES, cross_fit
 from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
@@ -277,7 +278,7 @@ def compare_exclusion(source, keep: np.ndarray, y_all: np.ndarray, oof_with: dic
     """
     table = {}
     for name, p in oof_without.items():
-        merged = np.empty(len(keep))
+        merged = np.empty((len(keep),) + p.shape[1:])
         merged[keep], merged[~keep] = p, excluded_pred[name]
         table[name] = {"kept_rows": {"with": scores(y_all[keep], oof_with[name][keep]),
                                      "without": scores(y_all[keep], p)},
@@ -367,10 +368,15 @@ def planned_models(backbones: list[Backbone], heads: list[str], weights, imagene
     return level1 + ([CONCAT] if concat else []) + (list(STACKERS) if len(level1) > 1 else [])
 
 
-def check_args(args: argparse.Namespace) -> Plan:
+def imagenet_prior_on(args: argparse.Namespace, task: Task) -> bool:
+    """The ImageNet priors are cat-or-dog odds: on for that task unless --no-imagenet says no."""
+    return task.cats_and_dogs and not args.no_imagenet
+
+
+def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
     """Every mistake that can be found before extraction, in one sentence naming it: unknown
-    backbones, heads or models, settings that cannot work, an output folder that cannot be written
-    (it is made here)."""
+    backbones, heads or models, settings that cannot work for this ``task``, an output folder
+    that cannot be written (it is made here)."""
     backbones = _names(args.backbones)
     entries = [get_backbone(b) for b in backbones]  # an unknown name is refused here
     if not backbones:
@@ -383,6 +389,12 @@ def check_args(args: argparse.Namespace) -> Plan:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
+    if finetune and not task.binary:
+        if not auto:
+            raise ValueError(f"--finetune {args.finetune}: fine-tuning trains a two-class head in this version, "
+                             f"and this task has {task.n_classes} classes; leave --finetune out")
+        log.info("fine-tuning: off, since it trains a two-class head and this task has %d classes", task.n_classes)
+        finetune = []
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
@@ -397,7 +409,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     for flag, path in (("--exclude", args.exclude), ("--folds-file", args.folds_file)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    check_submit_with(args, entries, heads, tuned)
+    check_submit_with(args, entries, heads, tuned, task=task)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -410,11 +422,11 @@ def check_args(args: argparse.Namespace) -> Plan:
 
 
 def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: list[str],
-                      tuned: list[Backbone], why: str = "") -> None:
+                      tuned: list[Backbone], why: str = "", task: Task = DOGS_VS_CATS) -> None:
     """``--submit-with`` must name a model this run will have (``why``: what changed the plan)."""
     if not args.submit_with:
         return
-    models = planned_models(entries, heads, args.weights, not args.no_imagenet, tuned, not args.no_concat)
+    models = planned_models(entries, heads, args.weights, imagenet_prior_on(args, task), tuned, not args.no_concat)
     if args.submit_with not in models:
         raise KeyError(f"Unknown model '{args.submit_with}' for --submit-with; this run will have{why}: "
                        + ", ".join(models))
@@ -424,15 +436,17 @@ def check_training_set(photos: PhotoSet, holdout: float, n_folds: int | None, se
     """Labels that cannot make stratified folds, said before any photo is decoded: one class only,
     or a class with fewer training photos than folds."""
     # (One class cannot be split stratified; the photos as they are then say it.)
+    classes = photos.task.classes
     kept = split_holdout(photos, holdout, seed)[0] if len({p.label for p in photos.train}) > 1 else photos.train
-    counts = pd.Series([p.label for p in kept]).value_counts()
+    counts = pd.Series([p.label for p in kept]).value_counts().reindex(range(len(classes)), fill_value=0)
     where = ", ".join(photos.sources)
-    if len(counts) < 2:
+    if (counts > 0).sum() < 2:
         raise DataError(f"{where}: the training photos are all of one class "
-                        f"({CLASSES[int(counts.index[0])] if len(counts) else 'none'}); a classifier needs both")
+                        f"({classes[int(counts.idxmax())] if counts.any() else 'none'}); a classifier needs two at least")
     if n_folds and counts.min() < n_folds:
-        raise DataError(f"{where}: {CLASSES[int(counts.idxmin())]} has {counts.min()} training photos, "
-                        f"fewer than the {n_folds} folds")
+        few = [f"{classes[k]} ({n})" for k, n in counts.items() if n < n_folds]
+        raise DataError(f"{where}: {', '.join(few[:5])}{' ...' if len(few) > 5 else ''}: fewer training photos "
+                        f"than the {n_folds} folds (a class needs one photo in every fold)")
 
 
 @dataclass
@@ -485,22 +499,27 @@ def features_of(feats: BackboneFeatures, tuned: FineTuned, ids: list[str], split
 
 
 def write_outputs(out: Path, fitted: Fitted, test_pred: dict[str, np.ndarray], test_ids: list[str],
-                  submit_with: str | None, clip_mode: str) -> tuple[dict, str, bool, str, dict]:
+                  submit_with: str | None, clip_mode: str, task: Task = DOGS_VS_CATS) -> tuple[dict, str, bool, str, dict]:
     """Stage 5: the ensemble (model/), every model's OOF and test predictions, submission.csv and
-    one submission per model. Returns (CV scores, chosen model, clipped, why, submissions)."""
+    one submission per model (none without test photos). Returns (CV scores, chosen model,
+    clipped, why, submissions)."""
     ensemble, oof = fitted.ensemble, fitted.oof
     cv = {name: scores(fitted.y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
-    ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
+    ensemble.submit_with, ensemble.clip, ensemble.task = chosen, CLIP if clipped else None, task
     ensemble.save(out / "model")
     (out / "oof").mkdir(exist_ok=True)
-    (out / "test").mkdir(exist_ok=True)
     for name, p in oof.items():
-        save_oof(prediction_path(out / "oof", name), fitted.ids, fitted.y, fitted.fold, p)
+        save_oof(prediction_path(out / "oof", name), fitted.ids, fitted.y, fitted.fold, p, task.classes)
+    if not test_ids:
+        log.info("no test photos: no submission (the model in %s predicts new photos: python -m stacking.predict)",
+                 out / "model")
+        return cv, chosen, clipped, reason, {}
+    (out / "test").mkdir(exist_ok=True)
     for name, p in test_pred.items():
-        save_test(prediction_path(out / "test", name), test_ids, p)
-    write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip)
-    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, clip_mode)
+        save_test(prediction_path(out / "test", name), test_ids, p, task.classes)
+    write_submission(out / "submission.csv", test_ids, test_pred[chosen], ensemble.clip, task)
+    submissions = write_model_submissions(out / SUBMISSIONS, test_ids, test_pred, cv, clip_mode, task)
     return cv, chosen, clipped, reason, submissions
 
 
@@ -511,23 +530,27 @@ def score_holdout(out: Path, held: list, predict, models) -> dict | None:
         return None
     held_ids, held_y = [p.id for p in held], np.array([p.label for p in held])
     predicted = predict(held_ids)
-    pd.DataFrame({"id": held_ids, "label": held_y, **predicted}).to_csv(out / "holdout.csv", index=False)
+    own = {name if p.ndim == 1 else f"{name}:P(label)": p if p.ndim == 1 else p[np.arange(len(p)), held_y]
+           for name, p in predicted.items()}  # K > 2 classes: the probability each gave the photo's class
+    pd.DataFrame({"id": held_ids, "label": held_y, **own}).to_csv(out / "holdout.csv", index=False)
     return {name: scores(held_y, predicted[name]) for name in models}
 
 
 def run(args: argparse.Namespace) -> dict:
     """Features -> folds -> level 1 (heads, priors, fine-tuned networks) -> level 2 -> outputs."""
     started = time.time()
-    plan = check_args(args)
+    photos = load_photos(args.data, labels=args.labels)
+    log.info("%s", photos.task.describe(len(photos.train), len(photos.test)))
+    plan = check_args(args, photos.task)
     out = Path(args.out)
-    photos = load_photos(args.data)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
     finetune = plan_finetune(plan, photos, args)
     if list(finetune) != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
-                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget")
+                          [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget",
+                          photos.task)
     feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
-                   args.batch_size, args.precision, args.decode_once, not args.no_imagenet)
+                   args.batch_size, args.precision, args.decode_once, imagenet_prior_on(args, photos.task))
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
     tuned = finetune_all(finetune, args.finetune_epochs, args.seed, photos, feats.loaded, data,
@@ -536,7 +559,7 @@ def run(args: argparse.Namespace) -> dict:
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
     cv, chosen, clipped, reason, submissions = write_outputs(out, fitted, test_pred, test_ids,
-                                                             args.submit_with, args.clip)
+                                                             args.submit_with, args.clip, photos.task)
     holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
         features_of(feats, tuned, ids, "train")), cv)
     level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
@@ -547,13 +570,15 @@ def run(args: argparse.Namespace) -> dict:
             "imagenet_prior": effect_of(of_kind(level1, PRIOR), fitted.oof, level1, y, fold, stackers),
             "finetune_effect": effect_of(of_kind(level1, FINETUNED), fitted.oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
+            "task": photos.task.describe(len(photos.train), len(test_ids)), "classes": list(photos.task.classes),
             "backbones": plan.backbones, "heads": plan.heads, "test_mode": args.test_mode,
             "unreadable": feats.unreadable, "backbone_details": feats.described,
             "seconds": round(time.time() - started, 1), "fit_seconds": round(fitted.seconds, 1)}
     table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
-          f"report: {out / 'report.md'}")
+          f"report: {out / 'report.md'}" if test_ids else
+          f"\nno test photos, so no submission; model: {out / 'model'} ({chosen}); report: {out / 'report.md'}")
     return {"cv": cv, "holdout": holdout, "chosen": chosen}
 
 
@@ -561,7 +586,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stacking.run", description=__doc__.split("\n\n")[0])
     on_kaggle = KAGGLE_COMPETITION.exists()
     parser.add_argument("--data", nargs="+", default=[str(d) for d in default_data_dirs()],
-                        help="Kaggle-layout folder(s); default: the Kaggle input, else the shared sample")
+                        help="data folder(s), in any layout read (Kaggle Dogs vs. Cats, class folders "
+                             "train/<class>/*, or a labels CSV beside train/); default: the Kaggle input, "
+                             "else the shared sample")
+    parser.add_argument("--labels", default=None,
+                        help="the labels CSV (an id and a label column) when it is not train.csv or "
+                             "labels.csv in the data folder")
     parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
                         help="comma-separated registry names or .keras paths (default: %(default)s)")
     parser.add_argument("--folds", type=int, default=5, help="number of stratified folds (default: 5)")

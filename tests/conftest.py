@@ -55,6 +55,35 @@ def make_kaggle_dir(root: Path, n_train_per_class: int, n_test: int, start: int 
     return root
 
 
+CLOTHING = SHARED / "clothing-small"
+
+
+def make_class_dir(root: Path, per_class: dict[str, int], n_test: int = 0, validation: int = 0) -> Path:
+    """A class-folder layout (``train/<class>/``, ``validation/<class>/`` with ``validation`` more
+    per class, ``test/`` with ``n_test`` unlabelled ones) of real shared photos: clothing-small's
+    classes, or cat / dog from Dogs vs. Cats. Test photos are the next ones of each class in turn."""
+    def source(cls: str) -> list[Path]:
+        if cls in ("cat", "dog"):
+            return [PHOTOS / "train" / f"{cls}.{i}.jpg" for i in range(200)]
+        return sorted((CLOTHING / "train" / cls).iterdir())
+
+    taken = {cls: source(cls) for cls in per_class}
+    for cls, n in per_class.items():
+        for split, files in (("train", taken[cls][:n]), ("validation", taken[cls][n:n + validation])):
+            if files:
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    shutil.copy(f, root / split / cls / f.name)
+    if n_test:
+        (root / "test").mkdir(parents=True)
+        classes = list(per_class)
+        for k in range(n_test):
+            cls = classes[k % len(classes)]
+            f = taken[cls][per_class[cls] + validation + k // len(classes)]
+            shutil.copy(f, root / "test" / f"{k + 1}{f.suffix}")
+    return root
+
+
 @pytest.fixture
 def small_data(tmp_path) -> Path:
     """12 cats, 12 dogs and 8 test photos."""

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from features.data import DataError, PhotoReader, load_photos
-from tests.conftest import PHOTOS, PHOTOS_200, SHARED
+from tests.conftest import PHOTOS, PHOTOS_200
 
 
 def test_shared_sample_in_numeric_order():
@@ -58,13 +58,6 @@ def test_empty_split_is_named(small_data):
     (small_data / "test").mkdir()
     with pytest.raises(DataError, match=r"test: no photos in the test split$"):
         load_photos(small_data)
-
-
-def test_class_folders_are_named_as_a_layout_not_read_yet():
-    """../shared/clothing-small (a folder per class): said as such, naming the folders found."""
-    with pytest.raises(DataError, match=r"clothing-small/train: no photos in the train split, only folders "
-                                        r"\(dress, hat, .*one folder per class is not a layout this version reads"):
-        load_photos(SHARED / "clothing-small")
 
 
 def test_missing_split_is_named(small_data):

@@ -13,12 +13,13 @@ import zipfile
 import pandas as pd
 
 from features.registry import get_backbone
-from tests.conftest import WEIGHTS, make_kaggle_dir
+from tests.conftest import WEIGHTS, make_class_dir, make_kaggle_dir
 from tools.build_kernel import OURS, REPO, build, edit_settings
 
 # Not on a Kaggle image: the kernel must run with these unimportable.
 NOT_ON_KAGGLE = ("onnxruntime", "tf2onnx", "simplejpeg")
 WRITEUPS = ("resnet50", "inception_v3", "xception", "inception_resnet_v2")
+CLOTHES = ("hat", "shoes", "skirt")
 
 
 def test_committed_kernel_is_a_fresh_build():
@@ -94,7 +95,8 @@ def cell_text(cell) -> str:
 
 def test_kernel_runs_in_a_notebook_pasted_and_with_percent_run(tmp_path):
     """kernel.py pasted as one notebook cell with its settings edited (no __file__, ipykernel's
-    -f CONNECTION_FILE in sys.argv), then as %run kernel.py with flags, in a real Jupyter kernel,
+    -f CONNECTION_FILE in sys.argv), then as %run kernel.py with flags on an input holding a
+    dataset of class folders (a 3-class task, found there), in a real Jupyter kernel,
     with our packages and the NOT_ON_KAGGLE ones unimportable: both write submission.csv and
     submissions/, and a successful run ends without SystemExit."""
     root = kaggle_input(tmp_path, 10, 6)
@@ -106,7 +108,9 @@ def test_kernel_runs_in_a_notebook_pasted_and_with_percent_run(tmp_path):
                     OUT=str(work / "out"), BACKBONES="efficientnet_lite0,efficientnet_lite2", FOLDS=2,
                     FINETUNE="efficientnet_lite0", FINETUNE_EPOCHS=1)
     blocked = ", ".join(f"{m}=None" for m in (*OURS, "tools", *NOT_ON_KAGGLE))
-    percent_run = (f"%run kernel.py --data {competition} --weights-dir {WEIGHTS} --out {work / 'run'} "
+    # %run on another input: an attached dataset of class folders (3 clothing classes), found there
+    clothes = make_class_dir(tmp_path / "input2" / "clothes-dataset" / "clothing", {c: 4 for c in CLOTHES}, n_test=3)
+    percent_run = (f"%run kernel.py --input {tmp_path / 'input2'} --weights-dir {WEIGHTS} --out {work / 'run'} "
                    "--backbones efficientnet_lite0 --folds 2")
     nb = run_notebook(work, [f"import sys\nsys.modules.update({blocked})\nprint(sys.argv)", source,
                              percent_run])
@@ -125,9 +129,12 @@ def test_kernel_runs_in_a_notebook_pasted_and_with_percent_run(tmp_path):
                               "concat-fusion", "stack-lr", "stack-lgbm"), 6)
     assert "What the ImageNet prior adds" in (work / "out" / "report.md").read_text()
     assert list((work / "cache").glob("*/gap_efficientnet_lite0.h5"))  # in the photo set's folder
-    Out.stdout = ran
-    check_outputs(work, Out, ("efficientnet_lite0/logistic", "concat-fusion"), 6, folder="run")
-    assert "efficientnet_lite2/logistic" not in (work / "run" / "report.md").read_text()  # the flags won
+    assert f"kernel: data from {clothes}" in ran and "class folders: 3 classes (hat, shoes, skirt" in ran
+    sub = pd.read_csv(work / "run" / "submission.csv")
+    assert list(sub.columns) == ["id", *CLOTHES] and sub["id"].tolist() == [1, 2, 3]
+    report = (work / "run" / "report.md").read_text()
+    assert "| efficientnet_lite0/logistic" in report and "| concat-fusion" in report
+    assert "efficientnet_lite2/logistic" not in report  # the flags won
 
 
 def test_writeups_four_backbones_from_an_attached_weights_dataset(tmp_path):

@@ -128,7 +128,7 @@ def test_score_matches_the_report(runs, tmp_path):
     (["--finetune", "efficientnet_lite0", "--exclude", "OUTLIERS"], "--finetune and --exclude do not combine"),
     (["--exclude", "missing.csv"], "--exclude missing.csv: no such file"),
     (["--folds", "1"], "--folds 1: out-of-fold predictions need at least 2 folds"),
-    (["--folds", "40"], "cat has 30 training photos, fewer than the 40 folds"),
+    (["--folds", "40"], "cat (30), dog (30): fewer training photos than the 40 folds"),
     (["--out", "FILE/run"], "--out FILE/run: cannot write there (Not a directory)"),
 ])
 def test_run_errors_are_said_before_any_extraction(runs, tmp_path, capsys, monkeypatch, extra, message):
