@@ -125,9 +125,14 @@ def suspicion(mass: np.ndarray, outlier_z: np.ndarray, p_given_label: np.ndarray
 def label_issues(labels: np.ndarray, p_dog: np.ndarray, threshold: float = LABEL_P):
     """(highest P(given label) over the models, fired: every model gives it under ``threshold``).
 
-    ``p_dog``: out-of-fold P(dog), one column per model."""
-    p_dog = np.atleast_2d(np.asarray(p_dog).T).T
-    p_label = np.where(np.asarray(labels)[:, None] == 1, p_dog, 1 - p_dog)
+    ``p_dog``: out-of-fold P(dog), one column per model (n, models); with K > 2 classes, every
+    model's class probabilities (n, models, K)."""
+    labels, p = np.asarray(labels), np.asarray(p_dog)
+    if p.ndim == 3:
+        p_label = p[np.arange(len(labels)), :, labels]
+    else:
+        p = np.atleast_2d(p.T).T
+        p_label = np.where(labels[:, None] == 1, p, 1 - p)
     best = p_label.max(axis=1)
     return best, best < threshold
 
@@ -218,9 +223,11 @@ def scan(photos: list[Photo], model_path: Path, workers: int = WORKERS, cached=N
 
 def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p_dog: np.ndarray,
                   dup_pairs: list[tuple[int, str, float]], gap: np.ndarray | None = None,
-                  max_flagged: float = MAX_FLAGGED) -> pd.DataFrame:
+                  max_flagged: float = MAX_FLAGGED, pets: bool = True) -> pd.DataFrame:
     """Combine the detectors into one row per photo with the detectors that fired and a score
-    (``suspicion``); at most ``max_flagged`` of the photos are flagged, the most suspicious."""
+    (``suspicion``); at most ``max_flagged`` of the photos are flagged, the most suspicious.
+    ``pets``: the task is cats and dogs, so ImageNet's belief in a pet is evidence; for any
+    other task those two detectors stay off and the score leaves them out."""
     labels = np.array([p.label for p in photos])
     df = table.copy()
     df.insert(0, "id", [p.id for p in photos])
@@ -235,9 +242,9 @@ def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p
     df.loc[ok, "colour"] = colour_lo | std_lo
     mass, top, fired = imagenet_catdog(np.nan_to_num(probs))
     df["catdog_mass"], df["top_class"] = mass, top
-    df["imagenet"] = ok & fired
+    df["imagenet"] = ok & fired & pets
     _, rank, nonpet = imagenet_evidence(np.nan_to_num(probs))
-    df["catdog_rank"], df["nonpet"] = rank, ok & nonpet
+    df["catdog_rank"], df["nonpet"] = rank, ok & nonpet & pets
     df["outlier_z"] = feature_outliers(gap, labels) if gap is not None else np.nan
     df["far"] = ok & (df["outlier_z"] > OUTLIER_Z)
     best, wrong = label_issues(labels, p_dog)
@@ -258,7 +265,8 @@ def find_outliers(photos: list[Photo], table: pd.DataFrame, probs: np.ndarray, p
                      | (df["nonpet"] & df["far"])
                      | (df[["nonpet", "far", "imagenet", "colour"]].any(axis=1) & doubt))
     df["detectors"] = df[detectors].apply(lambda r: ";".join(d for d in detectors if r[d]), axis=1)
-    df["score"] = suspicion(mass, df["outlier_z"].to_numpy(), df["p_given_label"].to_numpy()).round(4)
+    df["score"] = suspicion(mass if pets else np.ones(len(df)), df["outlier_z"].to_numpy(),
+                            df["p_given_label"].to_numpy()).round(4)
     df.loc[~ok, "score"] = np.inf  # unreadable: always first
     cap = int(max_flagged * len(df))
     order = df[df["flagged"]].sort_values("score", ascending=False).index
@@ -327,7 +335,8 @@ def report_outliers(photos: PhotoSet, table: pd.DataFrame, gap: np.ndarray, prob
     if photos.test:
         test_gap = np.nan_to_num(gap[n:])
         pairs += [(i, f"test/{photos.test[j].id}", c) for i, j, c in near_duplicates(safe, test_gap)]
-    result = find_outliers(photos.train, train_table, probs[:n], p_dog, pairs, train_gap, max_flagged)
+    result = find_outliers(photos.train, train_table, probs[:n], p_dog, pairs, train_gap, max_flagged,
+                           photos.task.cats_and_dogs)
     out.mkdir(parents=True, exist_ok=True)
     ranked = result.sort_values("score", ascending=False)
     flagged = ranked[ranked["flagged"]]

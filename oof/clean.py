@@ -1,4 +1,5 @@
-"""The cleaning command: ``features.clean``'s detectors with our cat/dog model's out-of-fold doubt.
+"""The cleaning command: ``features.clean``'s detectors with our model's out-of-fold doubt (any
+number of classes; ImageNet's not-a-pet evidence only where the task is cats and dogs).
 
     python -m oof.clean --data DIR [DIR ...] [--out DIR] [--run RUN_DIR] [--cache DIR] [--top N]
 
@@ -23,11 +24,12 @@ from features.defaults import CACHE_DIR, SEED
 from oof.crossfit import cross_fit
 from oof.folds import make_folds
 from oof.heads import LogisticHead
-from oof.store import level1_prediction_files
+from oof.store import level1_prediction_files, predictions
 
 
 def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
-    """The level-1 heads' OOF P(dog) of a stacking run, one column per backbone head."""
+    """The level-1 heads' OOF P(dog) of a stacking run, one column per backbone head (n, models);
+    with K > 2 classes each head's class probabilities (n, models, K)."""
     files = level1_prediction_files(run_dir / "oof")
     if not files:
         raise FileNotFoundError(f"{run_dir / 'oof'}: no level-1 OOF predictions (from stacking.run)")
@@ -37,18 +39,21 @@ def oof_from_run(run_dir: Path, ids: list[str]) -> np.ndarray:
         missing = [i for i in ids if i not in df.index]
         if missing:
             raise ValueError(f"{f}: no OOF prediction for {len(missing)} photos (e.g. {missing[:3]})")
-        cols.append(df.loc[ids, "pred"].to_numpy())
-    return np.column_stack(cols)
+        cols.append(predictions(df.loc[ids]))
+    return np.stack(cols, axis=1)
 
 
 def cross_fitted_p_dog(gap: np.ndarray, labels: np.ndarray, ids: list[str], folds: int = 5,
                        seed: int = SEED) -> np.ndarray:
     """Out-of-fold P(dog) of a logistic head on GAP features, on stratified folds of the
-    readable rows; 0.5 (no opinion) for a photo with no features."""
+    readable rows; 0.5 (no opinion) for a photo with no features. K > 2 classes: (n, 1, K), one
+    model's class probabilities (1/K where there are no features)."""
     ok = np.isfinite(gap).all(axis=1)
-    p_dog = np.full(len(gap), 0.5)
+    k = len(np.unique(labels))
+    p_dog = np.full(len(gap) if k == 2 else (len(gap), 1, k), 1.0 / k)
     fold = make_folds(np.array(ids)[ok], labels[ok], folds, seed)["fold"].to_numpy()
-    p_dog[ok] = cross_fit(LogisticHead(), gap[ok], labels[ok], fold).oof
+    oof = cross_fit(LogisticHead(), gap[ok], labels[ok], fold).oof
+    p_dog[ok] = oof if k == 2 else oof[:, None, :]
     return p_dog
 
 
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from features.extract import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m oof.clean", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", required=True, help="Kaggle-layout folder(s)")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="data folder(s) in any layout stacking.run reads")
     parser.add_argument("--out", default="clean", help="output folder (default: %(default)s)")
     parser.add_argument("--imagenet-model", default=None,
                         help=f"Keras ImageNet classifier (default: {IMAGENET_MODEL} in the weights folder)")

@@ -145,3 +145,22 @@ def test_the_old_cleaning_command_names_the_new_one(tmp_path):
     assert out.returncode == 2
     assert f"python -m oof.clean --data {tmp_path} --top 5" in out.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_cleaning_a_clothing_task_finds_the_mislabelled_photo(tmp_path):
+    """Three clothing classes, one hat put in the skirt folder: the out-of-fold class
+    probabilities (K = 3) rank it first among label issues; the cat-or-dog ImageNet detectors
+    stay off for a task that is not cats and dogs."""
+    from tests.conftest import make_class_dir
+
+    data = make_class_dir(tmp_path / "data", {"hat": 10, "shoes": 10, "skirt": 10})
+    moved = sorted((data / "train" / "hat").iterdir())[0]
+    shutil.move(moved, data / "train" / "skirt" / moved.name)
+    result = clean(data, tmp_path / "out", folds=3, max_flagged=0.1)  # the default cap, 1 %, flags none of 30
+    wrong = f"train/skirt/{moved.stem}"
+    row = result.set_index("id").loc[wrong]
+    assert row["label_issue"] and row["p_given_label"] < 0.1
+    issues = result[result["label_issue"]].sort_values("p_given_label")
+    assert issues["id"].iloc[0] == wrong
+    assert not result["imagenet"].any() and not result["nonpet"].any()
+    assert wrong in pd.read_csv(tmp_path / "out" / "outliers.csv")["id"].tolist()
