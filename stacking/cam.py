@@ -143,6 +143,7 @@ class CamExplainer:
     """Builds each backbone's feature-map model once; explains one photo at a time."""
 
     def __init__(self, ensemble: Ensemble, weights=None, runtime: str = "auto", model: str | None = None):
+        ensemble.require_two_classes("The class activation map")
         self.ensemble = ensemble
         self.model = model or ensemble.submit_with
         if self.model not in ensemble.model_names:

@@ -137,6 +137,10 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
     import keras
     from keras import ops
 
+    try:
+        ensemble.require_two_classes("The mobile export")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     all_names = [b["name"] for b in ensemble.backbones]
     if backbones:
         unknown = sorted(set(backbones) - set(all_names))

@@ -129,3 +129,18 @@ def test_logistic_head_fits_classes_of_two_photos_and_one(real_features):
         assert head.C_ in LogisticHead().Cs and (expected_C is None or head.C_ == expected_C)
         p = head.predict_proba(X[rows])[:, 1]  # it learnt which way the classes lie
         assert p[20:].min() > p[:20].max()
+
+
+def test_page_and_export_refuse_a_k_class_model_in_one_sentence(three_classes, capsys):
+    """The CAM page and the mobile export output one P(class 1): a 3-class model is refused by
+    name (nothing served, nothing written), pointing at stacking.predict."""
+    from stacking.export import main as export_main
+    from stacking.serve import main as serve_main
+
+    model = str(three_classes / "out" / "model")
+    assert serve_main(["--model", model]) == 2
+    assert export_main(["--model", model, "--format", "onnx", "--out", str(three_classes / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    for what in ("The class activation map", "The mobile export"):
+        assert f"{what} handles two-class models in this version; this one has 3 classes" in err
+    assert not (three_classes / "x.onnx").exists()
