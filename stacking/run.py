@@ -78,19 +78,42 @@ class BackboneFeatures:
         return {name: f.top for name, f in self.loaded.items() if f.top is not None}
 
 
-def gather(photos: PhotoSet, backbones: list[str], weights, cache: Path, tta: bool,
-           overwrite: bool, batch_size: int | None = None, precision: str = "auto",
-           decode_once: bool = False, imagenet: bool = True) -> BackboneFeatures:
+@dataclass
+class Setup:
+    """What every stage reads, in one object: the run's settings (the parsed flags), what they
+    planned (``Plan``), and the photos with their task (classes, labels, submission format,
+    metric), as timm's ``pretrained_cfg`` travels with a model."""
+
+    args: argparse.Namespace
+    plan: "Plan"
+    photos: PhotoSet
+
+    @property
+    def task(self) -> Task:
+        return self.photos.task
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.args.cache)
+
+    @property
+    def imagenet(self) -> bool:
+        return imagenet_prior_on(self.args, self.task)
+
+
+def gather(setup: Setup) -> BackboneFeatures:
     """Features of every backbone from the cache (extracting what is missing: backbone by backbone,
-    or with ``decode_once`` each photo decoded once for all of them), and what made them.
-    ``imagenet``: with each backbone's ImageNet classifier and logits where its top is at hand."""
+    or with ``--decode-once`` each photo decoded once for all of them), and what made them; with
+    each backbone's ImageNet classifier and logits where its top is at hand and the task uses them."""
+    a, photos, backbones, imagenet = setup.args, setup.photos, setup.plan.backbones, setup.imagenet
+    weights, tta, cache = a.weights, a.tta, setup.cache
     loaded, described, unreadable = {}, [], []
-    if decode_once:
-        paths = extract_many(photos, backbones, weights, cache, batch_size, overwrite=overwrite,
-                             tta=tta, precision=precision, imagenet=imagenet)
+    if a.decode_once:
+        paths = extract_many(photos, backbones, weights, cache, a.batch_size, overwrite=a.overwrite,
+                             tta=tta, precision=a.precision, imagenet=imagenet)
     else:
-        paths = {get_backbone(name).name: extract(photos, name, weights, cache, batch_size,
-                                                  overwrite=overwrite, tta=tta, precision=precision,
+        paths = {get_backbone(name).name: extract(photos, name, weights, cache, a.batch_size,
+                                                  overwrite=a.overwrite, tta=tta, precision=a.precision,
                                                   imagenet=imagenet)
                  for name in backbones}
     for name in backbones:
@@ -189,20 +212,20 @@ class FineTuned:
     info: dict = field(default_factory=dict)
 
 
-def finetune_all(names: dict[str, float], epochs: int | None, seed: int, photos: PhotoSet, loaded: dict,
-                 data: TrainingRows, weights, cache: Path, batch_size: int | None, precision: str) -> FineTuned:
+def finetune_all(setup: Setup, names: dict[str, float], loaded: dict, data: TrainingRows) -> FineTuned:
     """Each backbone of ``names`` ({backbone: seconds said for it}, as ``plan_finetune`` kept
-    them) trained once per fold with its own recipe (``oof.finetune``; ``epochs``, when set,
-    overrides the recipes' epoch counts); the warm-up reads its frozen GAP features, extracted
+    them) trained once per fold with its own recipe (``oof.finetune``; ``--finetune-epochs``, when
+    set, overrides the recipes' epoch counts); the warm-up reads its frozen GAP features, extracted
     here if the run's backbones do not include it. The time said is revised as folds finish."""
+    a, photos, cache, weights = setup.args, setup.photos, setup.cache, setup.args.weights
     tuned = FineTuned()
     extra = data.held + photos.test
     for name, estimate in names.items():
         backbone = get_backbone(name)
-        recipe = recipe_for(backbone, epochs, seed)
+        recipe = recipe_for(backbone, a.finetune_epochs, a.seed)
         if backbone.name not in loaded:
-            loaded[backbone.name] = load_features(extract(photos, name, weights, cache, batch_size,
-                                                          precision=precision))
+            loaded[backbone.name] = load_features(extract(photos, name, weights, cache, a.batch_size,
+                                                          precision=a.precision))
         warm = rows({backbone.name: loaded[backbone.name]}, data.ids, "train")[backbone.name]
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
@@ -220,12 +243,13 @@ def finetune_all(names: dict[str, float], epochs: int | None, seed: int, photos:
     return tuned
 
 
-def plan_finetune(plan: "Plan", photos: PhotoSet, args: argparse.Namespace) -> dict[str, float]:
+def plan_finetune(setup: Setup) -> dict[str, float]:
     """The backbones fine-tuning will train, settled before any photo is decoded: each one's time
     is said first (throughput measured here on a few steps), and with ``--finetune auto`` one that
     would take the run past ``--finetune-budget`` minutes is left out now, not after extraction.
     The rows and folds are the ones the run will have if every photo reads (as nearly always).
     Returns {backbone: the seconds said for it}."""
+    plan, photos, args = setup.plan, setup.photos, setup.args
     if not plan.finetune:
         return {}
     train, held = split_holdout(photos, args.holdout, args.seed)
@@ -464,11 +488,12 @@ class Fitted:
     seconds: float
 
 
-def fit_levels(feats: BackboneFeatures, data: TrainingRows, heads: list[str], concat: bool, test_mode: str,
-               tuned: FineTuned, exclude: str | None = None) -> Fitted:
+def fit_levels(setup: Setup, feats: BackboneFeatures, data: TrainingRows, tuned: FineTuned) -> Fitted:
     """Level 1 (a head per backbone, the ImageNet priors, the fine-tuned networks, concat-fusion)
-    and level 2 (the stackers), all on the shared folds. With ``exclude`` (an outliers.csv), every
+    and level 2 (the stackers), all on the shared folds. With ``--exclude`` (an outliers.csv), every
     model is fitted with the listed rows first, for the comparison, then without them."""
+    heads, concat, test_mode, exclude = (setup.plan.heads, not setup.args.no_concat, setup.args.test_mode,
+                                         setup.args.exclude)
     X, y, fold, ids = data.X, data.y, data.fold, data.ids
     if exclude:
         keep = ~np.isin(ids, sorted(read_exclusions(exclude)))
@@ -498,11 +523,12 @@ def features_of(feats: BackboneFeatures, tuned: FineTuned, ids: list[str], split
     return out
 
 
-def write_outputs(out: Path, fitted: Fitted, test_pred: dict[str, np.ndarray], test_ids: list[str],
-                  submit_with: str | None, clip_mode: str, task: Task = DOGS_VS_CATS) -> tuple[dict, str, bool, str, dict]:
+def write_outputs(setup: Setup, fitted: Fitted, test_pred: dict[str, np.ndarray]) -> tuple[dict, str, bool, str, dict]:
     """Stage 5: the ensemble (model/), every model's OOF and test predictions, submission.csv and
     one submission per model (none without test photos). Returns (CV scores, chosen model,
     clipped, why, submissions)."""
+    out, task, submit_with, clip_mode = Path(setup.args.out), setup.task, setup.args.submit_with, setup.args.clip
+    test_ids = [p.id for p in setup.photos.test]
     ensemble, oof = fitted.ensemble, fitted.oof
     cv = {name: scores(fitted.y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
@@ -544,22 +570,20 @@ def run(args: argparse.Namespace) -> dict:
     plan = check_args(args, photos.task)
     out = Path(args.out)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
-    finetune = plan_finetune(plan, photos, args)
+    setup = Setup(args, plan, photos)
+    finetune = plan_finetune(setup)
     if list(finetune) != plan.finetune:
         check_submit_with(args, [get_backbone(b) for b in plan.backbones], plan.heads,
                           [get_backbone(b) for b in finetune], " once fine-tuning keeps within its budget",
                           photos.task)
-    feats = gather(photos, plan.backbones, args.weights, Path(args.cache), args.tta, args.overwrite,
-                   args.batch_size, args.precision, args.decode_once, imagenet_prior_on(args, photos.task))
+    feats = gather(setup)
     data = training_rows(photos, feats.loaded, args.holdout, args.seed)
     data.fold = shared_folds(data.ids, data.y, out, args.folds, args.folds_file, args.seed)
-    tuned = finetune_all(finetune, args.finetune_epochs, args.seed, photos, feats.loaded, data,
-                         args.weights, Path(args.cache), args.batch_size, args.precision)
-    fitted = fit_levels(feats, data, plan.heads, not args.no_concat, args.test_mode, tuned, args.exclude)
+    tuned = finetune_all(setup, finetune, feats.loaded, data)
+    fitted = fit_levels(setup, feats, data, tuned)
     test_ids = [p.id for p in photos.test]
     test_pred = fitted.ensemble.predict_all(features_of(feats, tuned, test_ids, "test"))
-    cv, chosen, clipped, reason, submissions = write_outputs(out, fitted, test_pred, test_ids,
-                                                             args.submit_with, args.clip, photos.task)
+    cv, chosen, clipped, reason, submissions = write_outputs(setup, fitted, test_pred)
     holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
         features_of(feats, tuned, ids, "train")), cv)
     level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
