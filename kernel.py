@@ -3174,8 +3174,9 @@ def recipe_for(backbone: Backbone | str, epochs: int | None = None, seed: int = 
     return replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed)
 
 
-class DenseHead(BinaryClassifier):
-    """A fitted Dense(1, sigmoid) head as a linear model on GAP features: logit = X @ coef + b.
+class DenseHead(Classifier):
+    """A fitted Dense(1, sigmoid) head (Dense(K, softmax) for K classes) as a linear model on GAP
+    features: logit(s) = X @ coef + b.
     ``fit`` learns nothing (the network trained it); it only records the classes."""
 
     def __init__(self, coef=None, intercept: float = 0.0):
@@ -3187,7 +3188,8 @@ class DenseHead(BinaryClassifier):
         self._set_classes(y)
         self.mean_ = np.zeros(X.shape[1])
         self.scale_ = np.ones(X.shape[1])
-        self.coef_, self.intercept_ = np.asarray(self.coef, np.float64), float(self.intercept)
+        self.coef_ = np.asarray(self.coef, np.float64)
+        self.intercept_ = float(self.intercept) if self.coef_.ndim == 1 else np.asarray(self.intercept, np.float64)
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -3267,16 +3269,16 @@ def _replicated(devices: list[str]):
 
 
 def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None = None,
-                  devices: list[str] | None = None):
-    """(training model: pixels -> P(dog), compiled with the recipe's optimizer and loss;
-    feature-map model inside it). BatchNormalization frozen as the recipe says; ``head``:
-    (kernel, bias) to start the Dense from; ``devices``: train on these together (default:
-    ``training_devices()``)."""
+                  devices: list[str] | None = None, n_classes: int = 2):
+    """(training model: pixels -> P(dog) (``n_classes`` > 2: a softmax over them), compiled with
+    the recipe's optimizer and loss; feature-map model inside it). BatchNormalization frozen as
+    the recipe says; ``head``: (kernel, bias) to start the Dense from; ``devices``: train on
+    these together (default: ``training_devices()``)."""
     with _replicated(training_devices() if devices is None else devices):
-        return _network(backbone, weights, recipe, head)
+        return _network(backbone, weights, recipe, head, n_classes)
 
 
-def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None):
+def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_classes: int = 2):
     import keras
 
     fmap = build_feature_map_model(backbone, weights)
@@ -3286,13 +3288,16 @@ def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None):
                 layer.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
     x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
-    dense = keras.layers.Dense(1, activation="sigmoid", name="head")
+    binary = n_classes == 2
+    dense = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
+                               name="head")
     p = dense(x)
     if head is not None:
-        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1),
-                           np.asarray([head[1]], np.float32)])
+        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1 if binary else n_classes),
+                           np.asarray(head[1], np.float32).reshape(-1)])
     model = keras.Model(fmap.input, p, name=f"{backbone.name}_finetune")
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss="binary_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
+                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
     return model, fmap
 
 
@@ -3376,7 +3381,8 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
     clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
-    oof = np.full(len(train), np.nan)
+    n_classes = len(np.unique(y))
+    oof = np.full(len(train) if n_classes == 2 else (len(train), n_classes), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
         held = fold == k
@@ -3403,7 +3409,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
         networks.append(net)
         features[net.entry.name] = feats
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
-        oof[held] = net.head.predict_proba(X)[:, 1]
+        oof[held] = class_proba(net.head, X)
     return FinetuneResult(oof, networks, features, seconds)
 
 
@@ -3451,7 +3457,8 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
 
     keras.utils.set_random_seed(recipe.seed + int(k))
     devices = training_devices() if devices is None else devices
-    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), devices)
+    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), devices,
+                                n_classes=len(np.unique(labels)))
     data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
                                 recipe.seed + int(k)), workers)
     log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)%s", backbone.name, k, len(photos), recipe.epochs,
@@ -3472,7 +3479,8 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     _save_features(tmp, [(p.id, p.size) for p in predict], gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
-            "kernel": kernel[:, 0].tolist(), "bias": float(bias[0])},
+            "kernel": (kernel[:, 0] if kernel.shape[1] == 1 else kernel).tolist(),
+            "bias": float(bias[0]) if len(bias) == 1 else bias.tolist()},
         "loss": [float(v) for v in history.history["loss"]],
         "train_seconds": round(train_seconds, 1),
         "seconds_per_epoch": round(train_seconds / max(recipe.epochs, 1), 1)}))
@@ -3481,7 +3489,7 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     keras.backend.clear_session()
 
 
-def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.ndarray, float]:
+def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.ndarray, float | np.ndarray]:
     """(kernel, bias) on raw GAP features of the head fine-tuning starts from, fitted on the
     frozen backbone's cached features of the fold's training photos."""
     if recipe.warmup == "logistic":
@@ -3492,8 +3500,10 @@ def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.nda
     else:
         raise ValueError(f"Recipe.warmup must be 'keras' or 'logistic', not {recipe.warmup!r}")
     mean, scale, coef, intercept = linear_parts(head)
-    kernel = np.asarray(coef) / scale
-    return kernel, float(intercept - mean @ kernel)
+    coef = np.asarray(coef)
+    kernel = coef / (scale if coef.ndim == 1 else scale[:, None])  # (D,) or (D, K)
+    bias = intercept - mean @ kernel
+    return kernel, float(bias) if coef.ndim == 1 else bias
 
 
 def _Progress(bar, photos: list[Photo], recipe: Recipe):
@@ -3519,8 +3529,10 @@ def _load_fold(done: Path, backbone: Backbone, k) -> tuple[FoldNetwork, dict[tup
     info = json.loads((done / "fold.json").read_text())
     with np.load(done / "features.npz") as z:
         feats = {(i, int(n)): g for i, n, g in zip(z["ids"].tolist(), z["sizes"], z["gap"])}
-    head = DenseHead(np.array(info["head"]["kernel"]), info["head"]["bias"])
-    head.fit(np.zeros((2, len(info["head"]["kernel"]))), np.array([0, 1]))
+    kernel = np.array(info["head"]["kernel"])
+    n_classes = 2 if kernel.ndim == 1 else kernel.shape[1]
+    head = DenseHead(kernel, info["head"]["bias"])
+    head.fit(np.zeros((n_classes, kernel.shape[0])), np.arange(n_classes))
     return FoldNetwork(_entry(backbone, done / "network.keras", k), head), feats
 
 
@@ -4758,12 +4770,6 @@ def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
-    if finetune and not task.binary:
-        if not auto:
-            raise ValueError(f"--finetune {args.finetune}: fine-tuning trains a two-class head in this version, "
-                             f"and this task has {task.n_classes} classes; leave --finetune out")
-        log.info("fine-tuning: off, since it trains a two-class head and this task has %d classes", task.n_classes)
-        finetune = []
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")

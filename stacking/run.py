@@ -413,12 +413,6 @@ def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
     auto = args.finetune.strip() == "auto"
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
-    if finetune and not task.binary:
-        if not auto:
-            raise ValueError(f"--finetune {args.finetune}: fine-tuning trains a two-class head in this version, "
-                             f"and this task has {task.n_classes} classes; leave --finetune out")
-        log.info("fine-tuning: off, since it trains a two-class head and this task has %d classes", task.n_classes)
-        finetune = []
     tuned = [get_backbone(b) for b in finetune]
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")

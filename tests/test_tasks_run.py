@@ -17,15 +17,17 @@ CLASSES = ("hat", "shoes", "skirt")
 
 @pytest.fixture(scope="session")
 def three_classes(tmp_path_factory):
-    """A run on 3 clothing classes (10 + 2 validation photos each) with 6 test photos."""
+    """A run on 3 clothing classes (10 + 2 validation photos each) with 6 test photos, Lite0
+    fine-tuned too (one epoch a fold: a K-way softmax head)."""
     from stacking import run as run_mod
 
     root = tmp_path_factory.mktemp("k3")
     data = make_class_dir(root / "data", {c: 10 for c in CLASSES}, n_test=6, validation=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "has_gpu", lambda: False)
-        assert run_main(["--data", str(data), "--backbones", BACKBONES, "--folds", "3",
-                         "--cache", str(root / "cache"), "--out", str(root / "out")]) == 0
+        assert run_main(["--data", str(data), "--backbones", BACKBONES, "--folds", "2",
+                         "--cache", str(root / "cache"), "--out", str(root / "out"),
+                         "--finetune", "efficientnet_lite0", "--finetune-epochs", "1"]) == 0
     return root
 
 
@@ -34,8 +36,8 @@ def test_every_level_gives_k_probabilities(three_classes):
     report = pd.read_json(out / "report.json", typ="series")
     assert report["classes"] == list(CLASSES)
     models = list(report["cv"])
-    assert {"efficientnet_lite0/logistic", "efficientnet_lite2/logistic", "concat-fusion", "average",
-            "stack-lr", "stack-lgbm"} <= set(models)
+    assert {"efficientnet_lite0/logistic", "efficientnet_lite2/logistic", "efficientnet_lite0/finetuned",
+            "concat-fusion", "average", "stack-lr", "stack-lgbm"} <= set(models)
     assert not any(m.endswith("/imagenet") for m in models)  # the cat-or-dog prior is for cats and dogs
     folds = pd.read_csv(out / "folds.csv")
     for name in models:
