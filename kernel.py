@@ -1030,7 +1030,7 @@ def read_class_folders(data_dir: Path) -> Layout:
     sample = read_sample_submission(data_dir)
     classes = tuple(sorted(set(named.values())))
     task = Task(classes, CLASS_FOLDERS, "the class folder names").with_classes(classes)
-    task, test = _test_and_format(data_dir, task, sample, None)
+    task, test = _test_and_format(data_dir, task, sample)
     return Layout(CLASS_FOLDERS, train, named, test, task)
 
 
@@ -1068,7 +1068,7 @@ def read_labels_csv(data_dir: Path, path: Path) -> Layout:
     classes = tuple(sorted(set(labels), key=id_order_key))
     task = Task(classes, LABELS_CSV, f"{path.name} column '{label_col}'", id_column=id_col,
                 columns=(label_col,)).with_classes(classes)
-    task, test = _test_and_format(data_dir, task, sample, path)
+    task, test = _test_and_format(data_dir, task, sample)
     return Layout(LABELS_CSV, train, named, test, task)
 
 
@@ -1116,7 +1116,7 @@ def read_sample_submission(data_dir: Path):
     return table
 
 
-def _test_and_format(data_dir: Path, task: Task, sample, labels_path: Path | None) -> tuple[Task, list[Photo] | None]:
+def _test_and_format(data_dir: Path, task: Task, sample) -> tuple[Task, list[Photo] | None]:
     """The test photos (``DIR/test/``) and the submission's format: the sample submission's, where
     there is one (its columns are the classes, or one column for two classes: P(classes[1])), else
     ``task``'s own (id, then a column per class, or the label column for two classes)."""
@@ -1234,7 +1234,7 @@ def read_dogs_vs_cats(data_dir: Path) -> Layout:
         raise DataError(f"{data_dir}: missing split 'train', so no layout found: expected train/cat.N.jpg + "
                         "train/dog.N.jpg (Dogs vs. Cats, or train.zip), train/<class>/* (class folders) or "
                         "train.csv beside train/ (a labels CSV)")
-    return Layout("Kaggle Dogs vs. Cats", train, {p.id: CLASSES[p.label] for p in train},
+    return Layout(DOGS_VS_CATS.layout, train, {p.id: CLASSES[p.label] for p in train},
                   find_split(data_dir, "test"), DOGS_VS_CATS)
 
 
@@ -1269,7 +1269,7 @@ def load_photos(data_dirs: str | Path | list, require_test: bool = True,
     if len(with_test) > 1:
         raise DataError(f"{with_test[1][0]}: a second test split (the first came from {with_test[0][0]}); "
                         "pass exactly one folder with a test split")
-    if not with_test and require_test and kinds == ["Kaggle Dogs vs. Cats"]:
+    if not with_test and require_test and kinds == [DOGS_VS_CATS.layout]:
         where = " or ".join(str(d / "test") for d in dirs)
         raise DataError(f"missing split 'test': none of {where}(.zip) exists")
     task = (with_test[0][1] if with_test else layouts[0]).task
@@ -2799,6 +2799,14 @@ def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: in
     return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
 
 
+def output_layer(n_classes: int) -> tuple[int, str, str]:
+    """(units, activation, Keras loss) of a Dense classifier layer: one sigmoid logit for two
+    classes (P(class 1), as the binary task always was), a softmax over K for more."""
+    if n_classes == 2:
+        return 1, "sigmoid", "binary_crossentropy"
+    return n_classes, "softmax", "sparse_categorical_crossentropy"
+
+
 class Classifier(ClassifierMixin, BaseEstimator):
     """What our estimators share, for two classes or K: ``decision_function`` is the logit of
     P(classes_[1]) for two classes (the binary task stays exactly what it was), class logits
@@ -2829,12 +2837,12 @@ class Classifier(ClassifierMixin, BaseEstimator):
 
 
 class BinaryClassifier(Classifier):
-    """A model made for two classes only (the cat-or-dog ImageNet prior, a fine-tuned network's
-    sigmoid head)."""
+    """A model made for two classes only (the cat-or-dog ImageNet prior)."""
 
     def _set_classes(self, y) -> np.ndarray:
+        check_classification_targets(y)
         y_type = type_of_target(y, input_name="y")
-        if y_type not in ("binary", "unknown") and len(np.unique(y)) > 2:
+        if y_type != "binary":
             raise ValueError("Only binary classification is supported. The type of the target "
                              f"is {y_type}.")
         return super()._set_classes(y)
@@ -2918,12 +2926,12 @@ class KerasHead(Classifier):
         self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
         Z = (X - self.mean_) / self.scale_
         keras.utils.set_random_seed(self.random_state)
-        binary = len(self.classes_) == 2
-        dense = keras.layers.Dense(1 if binary else len(self.classes_), activation="sigmoid" if binary else "softmax",
+        units, activation, loss = output_layer(len(self.classes_))
+        binary = units == 1
+        dense = keras.layers.Dense(units, activation=activation,
                                    kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
         model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
-                      loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
         model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
         kernel, bias = dense.get_weights()
         # Two classes: one logit, coef_ (D,); K classes: coef_ (D, K), intercept_ (K,).
@@ -3087,12 +3095,17 @@ class CrossFit:
     def predict(self, X) -> np.ndarray:
         """P(class 1) (or the K class probabilities) for new rows, the way the test set is predicted."""
         if len(X) == 0:
-            return np.empty(self.oof.shape[1:] and (0, self.n_classes) or (0,))
+            return np.empty((0, *self.oof.shape[1:]))
         return np.mean([class_proba(m, X) for m in self.models], axis=0)
 
     @property
     def n_classes(self) -> int:
         return 2 if self.oof.ndim == 1 else self.oof.shape[1]
+
+
+def prediction_shape(n: int, n_classes: int) -> tuple[int, ...]:
+    """The shape of ``n`` rows' predictions: (n,) of P(class 1) for two classes, else (n, K)."""
+    return (n,) if n_classes == 2 else (n, n_classes)
 
 
 def class_proba(model, X) -> np.ndarray:
@@ -3112,8 +3125,7 @@ def cross_fit(estimator, X, y, fold: np.ndarray, test_mode: str = "fold_mean") -
     X, y, fold = np.asarray(X), np.asarray(y), np.asarray(fold)
     if not (len(X) == len(y) == len(fold)):
         raise ValueError(f"X, y and fold disagree in length: {len(X)}, {len(y)}, {len(fold)}")
-    n_classes = len(np.unique(y))
-    oof = np.full(len(y) if n_classes == 2 else (len(y), n_classes), np.nan)
+    oof = np.full(prediction_shape(len(y), len(np.unique(y))), np.nan)
     models = []
     for k in np.unique(fold):
         held = fold == k
@@ -3288,16 +3300,14 @@ def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_
                 layer.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
     x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
-    binary = n_classes == 2
-    dense = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
-                               name="head")
+    units, activation, loss = output_layer(n_classes)
+    dense = keras.layers.Dense(units, activation=activation, name="head")
     p = dense(x)
     if head is not None:
-        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1 if binary else n_classes),
+        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, units),
                            np.asarray(head[1], np.float32).reshape(-1)])
     model = keras.Model(fmap.input, p, name=f"{backbone.name}_finetune")
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
-                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss)
     return model, fmap
 
 
@@ -3381,8 +3391,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
     clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
-    n_classes = len(np.unique(y))
-    oof = np.full(len(train) if n_classes == 2 else (len(train), n_classes), np.nan)
+    oof = np.full(prediction_shape(len(train), len(np.unique(y))), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
         held = fold == k
@@ -4054,8 +4063,7 @@ def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
     ok = np.isfinite(X).all(axis=1)
-    k = cf.n_classes
-    p = np.full(len(X) if k == 2 else (len(X), k), 1.0 / k)
+    p = np.full(prediction_shape(len(X), cf.n_classes), 1.0 / cf.n_classes)
     if ok.any():
         p[ok] = cf.predict(X[ok])
     return p
@@ -4857,7 +4865,7 @@ def fit_levels(setup: Setup, feats: BackboneFeatures, data: TrainingRows, tuned:
     started = time.time()
     ensemble, oof = fit_ensemble(feats.described, X, y, fold, heads, concat, test_mode=test_mode,
                                  tops=feats.tops, finetuned=tuned.models, log=log.info)
-    ensemble.backbones = feats.described + tuned.described
+    ensemble.backbones, ensemble.task = feats.described + tuned.described, setup.task
     seconds = time.time() - started
     exclusion = None
     if exclude:
@@ -4883,7 +4891,7 @@ def write_outputs(setup: Setup, fitted: Fitted, test_pred: dict[str, np.ndarray]
     ensemble, oof = fitted.ensemble, fitted.oof
     cv = {name: scores(fitted.y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
-    ensemble.submit_with, ensemble.clip, ensemble.task = chosen, CLIP if clipped else None, task
+    ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
     ensemble.save(out / "model")
     (out / "oof").mkdir(exist_ok=True)
     for name, p in oof.items():

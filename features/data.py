@@ -94,7 +94,7 @@ def read_dogs_vs_cats(data_dir: Path) -> Layout:
         raise DataError(f"{data_dir}: missing split 'train', so no layout found: expected train/cat.N.jpg + "
                         "train/dog.N.jpg (Dogs vs. Cats, or train.zip), train/<class>/* (class folders) or "
                         "train.csv beside train/ (a labels CSV)")
-    return Layout("Kaggle Dogs vs. Cats", train, {p.id: CLASSES[p.label] for p in train},
+    return Layout(DOGS_VS_CATS.layout, train, {p.id: CLASSES[p.label] for p in train},
                   find_split(data_dir, "test"), DOGS_VS_CATS)
 
 
@@ -129,7 +129,7 @@ def load_photos(data_dirs: str | Path | list, require_test: bool = True,
     if len(with_test) > 1:
         raise DataError(f"{with_test[1][0]}: a second test split (the first came from {with_test[0][0]}); "
                         "pass exactly one folder with a test split")
-    if not with_test and require_test and kinds == ["Kaggle Dogs vs. Cats"]:
+    if not with_test and require_test and kinds == [DOGS_VS_CATS.layout]:
         where = " or ".join(str(d / "test") for d in dirs)
         raise DataError(f"missing split 'test': none of {where}(.zip) exists")
     task = (with_test[0][1] if with_test else layouts[0]).task

@@ -91,7 +91,7 @@ def read_class_folders(data_dir: Path) -> Layout:
     sample = read_sample_submission(data_dir)
     classes = tuple(sorted(set(named.values())))
     task = Task(classes, CLASS_FOLDERS, "the class folder names").with_classes(classes)
-    task, test = _test_and_format(data_dir, task, sample, None)
+    task, test = _test_and_format(data_dir, task, sample)
     return Layout(CLASS_FOLDERS, train, named, test, task)
 
 
@@ -129,7 +129,7 @@ def read_labels_csv(data_dir: Path, path: Path) -> Layout:
     classes = tuple(sorted(set(labels), key=id_order_key))
     task = Task(classes, LABELS_CSV, f"{path.name} column '{label_col}'", id_column=id_col,
                 columns=(label_col,)).with_classes(classes)
-    task, test = _test_and_format(data_dir, task, sample, path)
+    task, test = _test_and_format(data_dir, task, sample)
     return Layout(LABELS_CSV, train, named, test, task)
 
 
@@ -177,7 +177,7 @@ def read_sample_submission(data_dir: Path):
     return table
 
 
-def _test_and_format(data_dir: Path, task: Task, sample, labels_path: Path | None) -> tuple[Task, list[Photo] | None]:
+def _test_and_format(data_dir: Path, task: Task, sample) -> tuple[Task, list[Photo] | None]:
     """The test photos (``DIR/test/``) and the submission's format: the sample submission's, where
     there is one (its columns are the classes, or one column for two classes: P(classes[1])), else
     ``task``'s own (id, then a column per class, or the label column for two classes)."""

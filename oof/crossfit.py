@@ -31,12 +31,17 @@ class CrossFit:
     def predict(self, X) -> np.ndarray:
         """P(class 1) (or the K class probabilities) for new rows, the way the test set is predicted."""
         if len(X) == 0:
-            return np.empty(self.oof.shape[1:] and (0, self.n_classes) or (0,))
+            return np.empty((0, *self.oof.shape[1:]))
         return np.mean([class_proba(m, X) for m in self.models], axis=0)
 
     @property
     def n_classes(self) -> int:
         return 2 if self.oof.ndim == 1 else self.oof.shape[1]
+
+
+def prediction_shape(n: int, n_classes: int) -> tuple[int, ...]:
+    """The shape of ``n`` rows' predictions: (n,) of P(class 1) for two classes, else (n, K)."""
+    return (n,) if n_classes == 2 else (n, n_classes)
 
 
 def class_proba(model, X) -> np.ndarray:
@@ -56,8 +61,7 @@ def cross_fit(estimator, X, y, fold: np.ndarray, test_mode: str = "fold_mean") -
     X, y, fold = np.asarray(X), np.asarray(y), np.asarray(fold)
     if not (len(X) == len(y) == len(fold)):
         raise ValueError(f"X, y and fold disagree in length: {len(X)}, {len(y)}, {len(fold)}")
-    n_classes = len(np.unique(y))
-    oof = np.full(len(y) if n_classes == 2 else (len(y), n_classes), np.nan)
+    oof = np.full(prediction_shape(len(y), len(np.unique(y))), np.nan)
     models = []
     for k in np.unique(fold):
         held = fold == k

@@ -38,8 +38,8 @@ from features.extract import Extractor, load_batch, progress_bar
 from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
 from features.runtime import accelerators
-from oof.crossfit import CrossFit, class_proba
-from oof.heads import Classifier, KerasHead, LogisticHead, linear_parts, validate_data
+from oof.crossfit import CrossFit, class_proba, prediction_shape
+from oof.heads import Classifier, KerasHead, LogisticHead, linear_parts, output_layer, validate_data
 
 log = logging.getLogger("gapstack")
 
@@ -203,16 +203,14 @@ def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_
                 layer.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
     x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
-    binary = n_classes == 2
-    dense = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
-                               name="head")
+    units, activation, loss = output_layer(n_classes)
+    dense = keras.layers.Dense(units, activation=activation, name="head")
     p = dense(x)
     if head is not None:
-        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, 1 if binary else n_classes),
+        dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, units),
                            np.asarray(head[1], np.float32).reshape(-1)])
     model = keras.Model(fmap.input, p, name=f"{backbone.name}_finetune")
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate),
-                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss)
     return model, fmap
 
 
@@ -296,8 +294,7 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
     clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
-    n_classes = len(np.unique(y))
-    oof = np.full(len(train) if n_classes == 2 else (len(train), n_classes), np.nan)
+    oof = np.full(prediction_shape(len(train), len(np.unique(y))), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
         held = fold == k

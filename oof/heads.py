@@ -46,6 +46,14 @@ def fit_standardised_logistic(X, target, C: float | str, Cs: tuple, max_iter: in
     return scaler, LogisticRegression(C=C, max_iter=max_iter).fit(Z, target), float(C)
 
 
+def output_layer(n_classes: int) -> tuple[int, str, str]:
+    """(units, activation, Keras loss) of a Dense classifier layer: one sigmoid logit for two
+    classes (P(class 1), as the binary task always was), a softmax over K for more."""
+    if n_classes == 2:
+        return 1, "sigmoid", "binary_crossentropy"
+    return n_classes, "softmax", "sparse_categorical_crossentropy"
+
+
 class Classifier(ClassifierMixin, BaseEstimator):
     """What our estimators share, for two classes or K: ``decision_function`` is the logit of
     P(classes_[1]) for two classes (the binary task stays exactly what it was), class logits
@@ -76,12 +84,12 @@ class Classifier(ClassifierMixin, BaseEstimator):
 
 
 class BinaryClassifier(Classifier):
-    """A model made for two classes only (the cat-or-dog ImageNet prior, a fine-tuned network's
-    sigmoid head)."""
+    """A model made for two classes only (the cat-or-dog ImageNet prior)."""
 
     def _set_classes(self, y) -> np.ndarray:
+        check_classification_targets(y)
         y_type = type_of_target(y, input_name="y")
-        if y_type not in ("binary", "unknown") and len(np.unique(y)) > 2:
+        if y_type != "binary":
             raise ValueError("Only binary classification is supported. The type of the target "
                              f"is {y_type}.")
         return super()._set_classes(y)
@@ -165,12 +173,12 @@ class KerasHead(Classifier):
         self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
         Z = (X - self.mean_) / self.scale_
         keras.utils.set_random_seed(self.random_state)
-        binary = len(self.classes_) == 2
-        dense = keras.layers.Dense(1 if binary else len(self.classes_), activation="sigmoid" if binary else "softmax",
+        units, activation, loss = output_layer(len(self.classes_))
+        binary = units == 1
+        dense = keras.layers.Dense(units, activation=activation,
                                    kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
         model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
-                      loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
         model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
         kernel, bias = dense.get_weights()
         # Two classes: one logit, coef_ (D,); K classes: coef_ (D, K), intercept_ (K,).

@@ -21,7 +21,7 @@ import numpy as np
 
 from features.cache import atomic_write, read_int8_graph
 from features.task import DOGS_VS_CATS, Task
-from oof.crossfit import CrossFit, cross_fit
+from oof.crossfit import CrossFit, cross_fit, prediction_shape
 from oof.heads import KerasHead, make_head
 from oof.prior import ImageNetPrior
 from stacking.stackers import STACKERS
@@ -153,8 +153,7 @@ def _predict_level1(cf: CrossFit, features: dict[str, np.ndarray], backbone: str
 
 def _predict_rows(cf: CrossFit, X: np.ndarray) -> np.ndarray:
     ok = np.isfinite(X).all(axis=1)
-    k = cf.n_classes
-    p = np.full(len(X) if k == 2 else (len(X), k), 1.0 / k)
+    p = np.full(prediction_shape(len(X), cf.n_classes), 1.0 / cf.n_classes)
     if ok.any():
         p[ok] = cf.predict(X[ok])
     return p

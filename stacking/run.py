@@ -500,7 +500,7 @@ def fit_levels(setup: Setup, feats: BackboneFeatures, data: TrainingRows, tuned:
     started = time.time()
     ensemble, oof = fit_ensemble(feats.described, X, y, fold, heads, concat, test_mode=test_mode,
                                  tops=feats.tops, finetuned=tuned.models, log=log.info)
-    ensemble.backbones = feats.described + tuned.described
+    ensemble.backbones, ensemble.task = feats.described + tuned.described, setup.task
     seconds = time.time() - started
     exclusion = None
     if exclude:
@@ -526,7 +526,7 @@ def write_outputs(setup: Setup, fitted: Fitted, test_pred: dict[str, np.ndarray]
     ensemble, oof = fitted.ensemble, fitted.oof
     cv = {name: scores(fitted.y, p) for name, p in oof.items()}
     chosen, clipped, reason = choose_model(cv, submit_with, clip_mode)
-    ensemble.submit_with, ensemble.clip, ensemble.task = chosen, CLIP if clipped else None, task
+    ensemble.submit_with, ensemble.clip = chosen, CLIP if clipped else None
     ensemble.save(out / "model")
     (out / "oof").mkdir(exist_ok=True)
     for name, p in oof.items():
