@@ -861,11 +861,12 @@ class Task:
         columns = self.columns if len(classes) == 2 else classes
         return replace(self, classes=classes, columns=columns)
 
-    def describe(self, n_train: int, n_test: int) -> str:
+    def describe(self, n_train: int, n_test: int, test_labelled: bool = False) -> str:
         """One line: the layout, the classes and how many photos, e.g.
         ``class folders: 10 classes, 3,409 training photos, no test set``."""
         shown = ", ".join(self.classes[:6]) + (", ..." if self.n_classes > 6 else "")
         test = f"{n_test:,} test photos" if n_test else "no test set"
+        test += " (labelled by their class folders: every model is scored on them)" if test_labelled else ""
         return (f"{self.layout}: {self.n_classes} classes ({shown}; labels from {self.labels_from}), "
                 f"{n_train:,} training photos, {test}; metric: {self.metric}")
 
@@ -975,6 +976,7 @@ class Layout:
     named: dict[str, str]
     test: list[Photo] | None
     task: Task
+    test_named: dict[str, str] = field(default_factory=dict)  # a labelled test split: id -> class
 
 
 def _photos_in(folder: Path) -> list[Path]:
@@ -1031,7 +1033,28 @@ def read_class_folders(data_dir: Path) -> Layout:
     classes = tuple(sorted(set(named.values())))
     task = Task(classes, CLASS_FOLDERS, "the class folder names").with_classes(classes)
     task, test = _test_and_format(data_dir, task, sample)
-    return Layout(CLASS_FOLDERS, train, named, test, task)
+    test, test_named = labelled_test(data_dir / "test", test, task.classes, renamed=sample is None)
+    return Layout(CLASS_FOLDERS, train, named, test, task, test_named)
+
+
+def labelled_test(folder: Path, test: list[Photo] | None, classes: tuple[str, ...],
+                  renamed: bool = True) -> tuple[list[Photo] | None, dict[str, str]]:
+    """(test photos, {test id: class}) where ``DIR/test/`` is itself class folders (every photo in
+    a folder named for a training class, as a dataset's own test split comes): the run then
+    scores every model on it. ``renamed``: ids become the file names without extension, as an
+    unlabelled test split's are, so the label is not in the id (kept ``<class>/<name>`` where two
+    classes hold one name, or where a sample submission named them). Else (test, {})."""
+    if test is None or any(p.is_file() for p in folder.iterdir() if not IGNORED.match(p.name)):
+        return test, {}
+    sub = _subfolders(folder)
+    parts = [Path(p.id).parts for p in test]
+    if not sub or not {d.name for d in sub} <= set(classes) or any(len(x) != 2 for x in parts):
+        return test, {}
+    names = [x[1] for x in parts]
+    if renamed and len(set(names)) == len(names):
+        test = sorted((replace(p, id=n) for p, n in zip(test, names)), key=lambda p: id_order_key(p.id))
+        return test, {n: x[0] for n, x in zip(names, parts)}
+    return test, {p.id: x[0] for p, x in zip(test, parts)}
 
 
 def read_labels_csv(data_dir: Path, path: Path) -> Layout:
@@ -1286,7 +1309,11 @@ def load_photos(data_dirs: str | Path | list, require_test: bool = True,
     for a, b in zip(train, train[1:]):
         if a.id == b.id:
             raise DataError(f"training id '{a.id}' appears in two folders: {a.name} and {b.name}")
-    return PhotoSet(train, with_test[0][1].test if with_test else [], [str(d) for d in dirs], task)
+    test = []
+    if with_test:
+        given = with_test[0][1].test_named  # a labelled test split: scored, not trained on
+        test = [replace(p, label=index[given[p.id]]) if p.id in given else p for p in with_test[0][1].test]
+    return PhotoSet(train, test, [str(d) for d in dirs], task)
 
 
 def is_data_folder(folder: Path) -> bool:
@@ -3968,14 +3995,6 @@ class Ensemble:
     def model_names(self) -> list[str]:
         return [*self.level1, *([CONCAT] if self.concat else []), *self.level2]
 
-    def require_two_classes(self, what: str) -> None:
-        """``what`` (the CAM page, the mobile export) is made for one P(class 1) output: a K-class
-        ensemble is refused in one sentence rather than drawn or exported wrong."""
-        if not self.task.binary:
-            raise ValueError(f"{what} handles two-class models in this version; this one has "
-                             f"{self.task.n_classes} classes ({', '.join(self.task.classes[:4])}, ...): "
-                             "python -m stacking.predict gives every class's probability")
-
     def backbone_of(self, level1_name: str) -> str:
         return level1_name.split("/")[0]
 
@@ -4157,13 +4176,19 @@ def _lb(value) -> str:
     return "" if value is None or value != value else f"{value:.5f}"
 
 
+def score_sets(holdout: dict | None, test: dict | None) -> dict[str, dict]:
+    """The scores beside CV, by their column title: the held-out photos', a labelled test split's."""
+    return {title: s for title, s in (("held-out", holdout), ("labelled test", test)) if s}
+
+
 def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen: str,
-                   leaderboard: dict[str, dict] | None = None) -> str:
-    """Every model's CV (and held-out, and recorded leaderboard) scores, one row each."""
+                   leaderboard: dict[str, dict] | None = None, test: dict[str, dict] | None = None) -> str:
+    """Every model's CV (and held-out, labelled test, recorded leaderboard) scores, one row each."""
     head = "| model | CV log loss | CV log loss (clipped) | CV accuracy |"
     rule = "| --- | --- | --- | --- |"
-    if holdout:
-        head += " held-out log loss | held-out (clipped) | held-out accuracy |"
+    checks = score_sets(holdout, test)
+    for title in checks:
+        head += f" {title} log loss | {title} (clipped) | {title} accuracy |"
         rule += " --- | --- | --- |"
     if leaderboard:
         head += " public LB | private LB |"
@@ -4172,8 +4197,7 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
     for name, s in cv.items():
         mark = " **(submitted)**" if name == chosen else ""
         row = f"| {name}{mark} | {s['log_loss']:.4f} | {s['log_loss_clipped']:.4f} | {s['accuracy']:.4f} |"
-        if holdout:
-            h = holdout[name]
+        for h in (c[name] for c in checks.values()):
             row += f" {h['log_loss']:.4f} | {h['log_loss_clipped']:.4f} | {h['accuracy']:.4f} |"
         if leaderboard:
             lb = leaderboard.get(name, {})
@@ -4256,16 +4280,17 @@ def recall_section(classes: list[str], oof: dict[str, np.ndarray], y: np.ndarray
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
-                 leaderboard: dict[str, dict] | None = None) -> str:
+                 leaderboard: dict[str, dict] | None = None, test: dict | None = None) -> str:
     """Write report.md, report.json and the plots; returns the Markdown table.
 
     ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
-    recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
-    table = markdown_table(cv, holdout, chosen, leaderboard)
+    recorded scores per model ({"public", "private"}, ``stacking.leaderboard``); ``test``: every
+    model's scores on a labelled test split."""
+    table = markdown_table(cv, holdout, chosen, leaderboard, test)
     classes = info.get("classes")
-    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions, classes)
+    plots = make_plots(out, cv, score_sets(holdout, test), chosen, oof, y, leaderboard, submissions, classes)
     (out / "report.json").write_text(json.dumps(
-        {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
+        {**info, "cv": cv, "holdout": holdout, "test": test, "submit_with": chosen, "reason": reason,
          "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
          "leaderboard": leaderboard}, indent=2, default=str))
     lines = [f"# gapstack run: {info['out']}", "",
@@ -4298,7 +4323,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     return table
 
 
-def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
+def make_plots(out: Path, cv: dict, checks: dict[str, dict], chosen: str, oof: dict[str, np.ndarray],
                y: np.ndarray, leaderboard: dict[str, dict] | None = None,
                submissions: dict[str, dict] | None = None, classes: list[str] | None = None) -> dict[str, str]:
     import matplotlib
@@ -4309,11 +4334,11 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
 
     files = {}
     names = list(cv)
-    # What the submission is chosen by: unclipped and clipped CV side by side (and held out).
+    # What the submission is chosen by: unclipped and clipped CV side by side (and held out, and
+    # a labelled test split).
     bars = [("CV", "log_loss", cv, "tab:blue"), ("CV, clipped", "log_loss_clipped", cv, "tab:cyan")]
-    if holdout:
-        bars += [("held out", "log_loss", holdout, "darkgray"),
-                 ("held out, clipped", "log_loss_clipped", holdout, "lightgray")]
+    for (title, scores), dark, light in zip(checks.items(), ("darkgray", "tab:olive"), ("lightgray", "khaki")):
+        bars += [(title, "log_loss", scores, dark), (f"{title}, clipped", "log_loss_clipped", scores, light)]
     height = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(8.5, (0.25 + 0.16 * len(bars)) * len(names) + 1.5))
     pos = np.arange(len(names))
@@ -4908,6 +4933,11 @@ def write_outputs(setup: Setup, fitted: Fitted, test_pred: dict[str, np.ndarray]
     return cv, chosen, clipped, reason, submissions
 
 
+def test_labelled(test: list) -> bool:
+    """Whether the test split came with labels (class folders under test/): then it is scored."""
+    return bool(test) and all(p.label >= 0 for p in test)
+
+
 def score_holdout(out: Path, held: list, predict, models) -> dict | None:
     """Every model's scores on the held-out photos, and OUT/holdout.csv (their labels and P(dog));
     ``predict``: photo ids -> every model's P(dog)."""
@@ -4925,7 +4955,7 @@ def run(args: argparse.Namespace) -> dict:
     """Features -> folds -> level 1 (heads, priors, fine-tuned networks) -> level 2 -> outputs."""
     started = time.time()
     photos = load_photos(args.data, labels=args.labels)
-    log.info("%s", photos.task.describe(len(photos.train), len(photos.test)))
+    log.info("%s", photos.task.describe(len(photos.train), len(photos.test), test_labelled(photos.test)))
     plan = check_args(args, photos.task)
     out = Path(args.out)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
@@ -4945,6 +4975,8 @@ def run(args: argparse.Namespace) -> dict:
     cv, chosen, clipped, reason, submissions = write_outputs(setup, fitted, test_pred)
     holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
         features_of(feats, tuned, ids, "train")), cv)
+    test = {name: scores([p.label for p in photos.test], test_pred[name]) for name in cv} \
+        if test_labelled(photos.test) else None
     level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
     y, fold = fitted.y, fitted.fold
     info = {"out": str(out), "data": photos.sources, "n_train": len(fitted.ids), "n_holdout": len(data.held),
@@ -4953,16 +4985,17 @@ def run(args: argparse.Namespace) -> dict:
             "imagenet_prior": effect_of(of_kind(level1, PRIOR), fitted.oof, level1, y, fold, stackers),
             "finetune_effect": effect_of(of_kind(level1, FINETUNED), fitted.oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
-            "task": photos.task.describe(len(photos.train), len(test_ids)), "classes": list(photos.task.classes),
+            "task": photos.task.describe(len(photos.train), len(test_ids), bool(test)),
+            "classes": list(photos.task.classes),
             "backbones": plan.backbones, "heads": plan.heads, "test_mode": args.test_mode,
             "unreadable": feats.unreadable, "backbone_details": feats.described,
             "seconds": round(time.time() - started, 1), "fit_seconds": round(fitted.seconds, 1)}
-    table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions)
+    table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions, test=test)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
           f"report: {out / 'report.md'}" if test_ids else
           f"\nno test photos, so no submission; model: {out / 'model'} ({chosen}); report: {out / 'report.md'}")
-    return {"cv": cv, "holdout": holdout, "chosen": chosen}
+    return {"cv": cv, "holdout": holdout, "test": test, "chosen": chosen}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

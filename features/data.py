@@ -146,7 +146,11 @@ def load_photos(data_dirs: str | Path | list, require_test: bool = True,
     for a, b in zip(train, train[1:]):
         if a.id == b.id:
             raise DataError(f"training id '{a.id}' appears in two folders: {a.name} and {b.name}")
-    return PhotoSet(train, with_test[0][1].test if with_test else [], [str(d) for d in dirs], task)
+    test = []
+    if with_test:
+        given = with_test[0][1].test_named  # a labelled test split: scored, not trained on
+        test = [replace(p, label=index[given[p.id]]) if p.id in given else p for p in with_test[0][1].test]
+    return PhotoSet(train, test, [str(d) for d in dirs], task)
 
 
 def is_data_folder(folder: Path) -> bool:

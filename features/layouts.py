@@ -13,7 +13,7 @@ Everything wrong with the labels or names is said here, before any photo is deco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from features.photos import IGNORED, PHOTO_SUFFIXES, DataError, Photo
@@ -36,6 +36,7 @@ class Layout:
     named: dict[str, str]
     test: list[Photo] | None
     task: Task
+    test_named: dict[str, str] = field(default_factory=dict)  # a labelled test split: id -> class
 
 
 def _photos_in(folder: Path) -> list[Path]:
@@ -92,7 +93,28 @@ def read_class_folders(data_dir: Path) -> Layout:
     classes = tuple(sorted(set(named.values())))
     task = Task(classes, CLASS_FOLDERS, "the class folder names").with_classes(classes)
     task, test = _test_and_format(data_dir, task, sample)
-    return Layout(CLASS_FOLDERS, train, named, test, task)
+    test, test_named = labelled_test(data_dir / "test", test, task.classes, renamed=sample is None)
+    return Layout(CLASS_FOLDERS, train, named, test, task, test_named)
+
+
+def labelled_test(folder: Path, test: list[Photo] | None, classes: tuple[str, ...],
+                  renamed: bool = True) -> tuple[list[Photo] | None, dict[str, str]]:
+    """(test photos, {test id: class}) where ``DIR/test/`` is itself class folders (every photo in
+    a folder named for a training class, as a dataset's own test split comes): the run then
+    scores every model on it. ``renamed``: ids become the file names without extension, as an
+    unlabelled test split's are, so the label is not in the id (kept ``<class>/<name>`` where two
+    classes hold one name, or where a sample submission named them). Else (test, {})."""
+    if test is None or any(p.is_file() for p in folder.iterdir() if not IGNORED.match(p.name)):
+        return test, {}
+    sub = _subfolders(folder)
+    parts = [Path(p.id).parts for p in test]
+    if not sub or not {d.name for d in sub} <= set(classes) or any(len(x) != 2 for x in parts):
+        return test, {}
+    names = [x[1] for x in parts]
+    if renamed and len(set(names)) == len(names):
+        test = sorted((replace(p, id=n) for p, n in zip(test, names)), key=lambda p: id_order_key(p.id))
+        return test, {n: x[0] for n, x in zip(names, parts)}
+    return test, {p.id: x[0] for p, x in zip(test, parts)}
 
 
 def read_labels_csv(data_dir: Path, path: Path) -> Layout:

@@ -49,11 +49,12 @@ class Task:
         columns = self.columns if len(classes) == 2 else classes
         return replace(self, classes=classes, columns=columns)
 
-    def describe(self, n_train: int, n_test: int) -> str:
+    def describe(self, n_train: int, n_test: int, test_labelled: bool = False) -> str:
         """One line: the layout, the classes and how many photos, e.g.
         ``class folders: 10 classes, 3,409 training photos, no test set``."""
         shown = ", ".join(self.classes[:6]) + (", ..." if self.n_classes > 6 else "")
         test = f"{n_test:,} test photos" if n_test else "no test set"
+        test += " (labelled by their class folders: every model is scored on them)" if test_labelled else ""
         return (f"{self.layout}: {self.n_classes} classes ({shown}; labels from {self.labels_from}), "
                 f"{n_train:,} training photos, {test}; metric: {self.metric}")
 

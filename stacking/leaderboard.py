@@ -43,7 +43,7 @@ TIMEOUT = 900  # seconds --submit waits for Kaggle's scores (--fetch: none, one 
 POLL = 10.0  # seconds between the first two looks at Kaggle's list; each pause 1.5x the last ...
 POLL_MAX = 60.0  # ... up to this
 # report.json keys that write_report adds itself (the rest is the run's info).
-_RESULT_KEYS = ("cv", "holdout", "submit_with", "reason", "clip", "plots", "submissions", "leaderboard")
+_RESULT_KEYS = ("cv", "holdout", "test", "submit_with", "reason", "clip", "plots", "submissions", "leaderboard")
 
 
 class LeaderboardError(ValueError):
@@ -172,7 +172,7 @@ def rerender(folder: Path, report: dict, board: dict[str, dict]) -> None:
     write_report(folder, info, report["cv"], report["holdout"], report["submit_with"],
                  report["clip"] is not None, report["reason"],
                  {name: predictions(df) for name, df in oof.items()}, y,
-                 report.get("submissions"), board)
+                 report.get("submissions"), board, report.get("test"))
 
 
 def chosen_models(spec: str, report: dict, folder: Path) -> list[str]:

@@ -42,13 +42,19 @@ def _lb(value) -> str:
     return "" if value is None or value != value else f"{value:.5f}"
 
 
+def score_sets(holdout: dict | None, test: dict | None) -> dict[str, dict]:
+    """The scores beside CV, by their column title: the held-out photos', a labelled test split's."""
+    return {title: s for title, s in (("held-out", holdout), ("labelled test", test)) if s}
+
+
 def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen: str,
-                   leaderboard: dict[str, dict] | None = None) -> str:
-    """Every model's CV (and held-out, and recorded leaderboard) scores, one row each."""
+                   leaderboard: dict[str, dict] | None = None, test: dict[str, dict] | None = None) -> str:
+    """Every model's CV (and held-out, labelled test, recorded leaderboard) scores, one row each."""
     head = "| model | CV log loss | CV log loss (clipped) | CV accuracy |"
     rule = "| --- | --- | --- | --- |"
-    if holdout:
-        head += " held-out log loss | held-out (clipped) | held-out accuracy |"
+    checks = score_sets(holdout, test)
+    for title in checks:
+        head += f" {title} log loss | {title} (clipped) | {title} accuracy |"
         rule += " --- | --- | --- |"
     if leaderboard:
         head += " public LB | private LB |"
@@ -57,8 +63,7 @@ def markdown_table(cv: dict[str, dict], holdout: dict[str, dict] | None, chosen:
     for name, s in cv.items():
         mark = " **(submitted)**" if name == chosen else ""
         row = f"| {name}{mark} | {s['log_loss']:.4f} | {s['log_loss_clipped']:.4f} | {s['accuracy']:.4f} |"
-        if holdout:
-            h = holdout[name]
+        for h in (c[name] for c in checks.values()):
             row += f" {h['log_loss']:.4f} | {h['log_loss_clipped']:.4f} | {h['accuracy']:.4f} |"
         if leaderboard:
             lb = leaderboard.get(name, {})
@@ -141,16 +146,17 @@ def recall_section(classes: list[str], oof: dict[str, np.ndarray], y: np.ndarray
 def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: str, clipped: bool,
                  reason: str, oof: dict[str, np.ndarray], y: np.ndarray,
                  submissions: dict[str, dict] | None = None,
-                 leaderboard: dict[str, dict] | None = None) -> str:
+                 leaderboard: dict[str, dict] | None = None, test: dict | None = None) -> str:
     """Write report.md, report.json and the plots; returns the Markdown table.
 
     ``submissions``: the per-model Kaggle files (``write_model_submissions``); ``leaderboard``:
-    recorded scores per model ({"public", "private"}, ``stacking.leaderboard``)."""
-    table = markdown_table(cv, holdout, chosen, leaderboard)
+    recorded scores per model ({"public", "private"}, ``stacking.leaderboard``); ``test``: every
+    model's scores on a labelled test split."""
+    table = markdown_table(cv, holdout, chosen, leaderboard, test)
     classes = info.get("classes")
-    plots = make_plots(out, cv, holdout, chosen, oof, y, leaderboard, submissions, classes)
+    plots = make_plots(out, cv, score_sets(holdout, test), chosen, oof, y, leaderboard, submissions, classes)
     (out / "report.json").write_text(json.dumps(
-        {**info, "cv": cv, "holdout": holdout, "submit_with": chosen, "reason": reason,
+        {**info, "cv": cv, "holdout": holdout, "test": test, "submit_with": chosen, "reason": reason,
          "clip": list(CLIP) if clipped else None, "plots": plots, "submissions": submissions,
          "leaderboard": leaderboard}, indent=2, default=str))
     lines = [f"# gapstack run: {info['out']}", "",
@@ -183,7 +189,7 @@ def write_report(out: Path, info: dict, cv: dict, holdout: dict | None, chosen: 
     return table
 
 
-def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict[str, np.ndarray],
+def make_plots(out: Path, cv: dict, checks: dict[str, dict], chosen: str, oof: dict[str, np.ndarray],
                y: np.ndarray, leaderboard: dict[str, dict] | None = None,
                submissions: dict[str, dict] | None = None, classes: list[str] | None = None) -> dict[str, str]:
     import matplotlib
@@ -194,11 +200,11 @@ def make_plots(out: Path, cv: dict, holdout: dict | None, chosen: str, oof: dict
 
     files = {}
     names = list(cv)
-    # What the submission is chosen by: unclipped and clipped CV side by side (and held out).
+    # What the submission is chosen by: unclipped and clipped CV side by side (and held out, and
+    # a labelled test split).
     bars = [("CV", "log_loss", cv, "tab:blue"), ("CV, clipped", "log_loss_clipped", cv, "tab:cyan")]
-    if holdout:
-        bars += [("held out", "log_loss", holdout, "darkgray"),
-                 ("held out, clipped", "log_loss_clipped", holdout, "lightgray")]
+    for (title, scores), dark, light in zip(checks.items(), ("darkgray", "tab:olive"), ("lightgray", "khaki")):
+        bars += [(title, "log_loss", scores, dark), (f"{title}, clipped", "log_loss_clipped", scores, light)]
     height = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(8.5, (0.25 + 0.16 * len(bars)) * len(names) + 1.5))
     pos = np.arange(len(names))

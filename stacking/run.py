@@ -543,6 +543,11 @@ def write_outputs(setup: Setup, fitted: Fitted, test_pred: dict[str, np.ndarray]
     return cv, chosen, clipped, reason, submissions
 
 
+def test_labelled(test: list) -> bool:
+    """Whether the test split came with labels (class folders under test/): then it is scored."""
+    return bool(test) and all(p.label >= 0 for p in test)
+
+
 def score_holdout(out: Path, held: list, predict, models) -> dict | None:
     """Every model's scores on the held-out photos, and OUT/holdout.csv (their labels and P(dog));
     ``predict``: photo ids -> every model's P(dog)."""
@@ -560,7 +565,7 @@ def run(args: argparse.Namespace) -> dict:
     """Features -> folds -> level 1 (heads, priors, fine-tuned networks) -> level 2 -> outputs."""
     started = time.time()
     photos = load_photos(args.data, labels=args.labels)
-    log.info("%s", photos.task.describe(len(photos.train), len(photos.test)))
+    log.info("%s", photos.task.describe(len(photos.train), len(photos.test), test_labelled(photos.test)))
     plan = check_args(args, photos.task)
     out = Path(args.out)
     check_training_set(photos, args.holdout, None if args.folds_file else args.folds, args.seed)
@@ -580,6 +585,8 @@ def run(args: argparse.Namespace) -> dict:
     cv, chosen, clipped, reason, submissions = write_outputs(setup, fitted, test_pred)
     holdout = score_holdout(out, data.held, lambda ids: fitted.ensemble.predict_all(
         features_of(feats, tuned, ids, "train")), cv)
+    test = {name: scores([p.label for p in photos.test], test_pred[name]) for name in cv} \
+        if test_labelled(photos.test) else None
     level1, stackers = list(fitted.ensemble.level1), list(fitted.ensemble.level2)
     y, fold = fitted.y, fitted.fold
     info = {"out": str(out), "data": photos.sources, "n_train": len(fitted.ids), "n_holdout": len(data.held),
@@ -588,16 +595,17 @@ def run(args: argparse.Namespace) -> dict:
             "imagenet_prior": effect_of(of_kind(level1, PRIOR), fitted.oof, level1, y, fold, stackers),
             "finetune_effect": effect_of(of_kind(level1, FINETUNED), fitted.oof, level1, y, fold, stackers),
             "n_test": len(test_ids), "folds": int(fold.max()) + 1, "seed": args.seed,
-            "task": photos.task.describe(len(photos.train), len(test_ids)), "classes": list(photos.task.classes),
+            "task": photos.task.describe(len(photos.train), len(test_ids), bool(test)),
+            "classes": list(photos.task.classes),
             "backbones": plan.backbones, "heads": plan.heads, "test_mode": args.test_mode,
             "unreadable": feats.unreadable, "backbone_details": feats.described,
             "seconds": round(time.time() - started, 1), "fit_seconds": round(fitted.seconds, 1)}
-    table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions)
+    table = write_report(out, info, cv, holdout, chosen, clipped, reason, fitted.oof, y, submissions, test=test)
     print(table)
     print(f"\nsubmission: {out / 'submission.csv'} ({chosen}); one per model in {out / SUBMISSIONS}; "
           f"report: {out / 'report.md'}" if test_ids else
           f"\nno test photos, so no submission; model: {out / 'model'} ({chosen}); report: {out / 'report.md'}")
-    return {"cv": cv, "holdout": holdout, "chosen": chosen}
+    return {"cv": cv, "holdout": holdout, "test": test, "chosen": chosen}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -58,10 +58,12 @@ def make_kaggle_dir(root: Path, n_train_per_class: int, n_test: int, start: int 
 CLOTHING = SHARED / "clothing-small"
 
 
-def make_class_dir(root: Path, per_class: dict[str, int], n_test: int = 0, validation: int = 0) -> Path:
+def make_class_dir(root: Path, per_class: dict[str, int], n_test: int = 0, validation: int = 0,
+                   labelled_test: bool = False) -> Path:
     """A class-folder layout (``train/<class>/``, ``validation/<class>/`` with ``validation`` more
-    per class, ``test/`` with ``n_test`` unlabelled ones) of real shared photos: clothing-small's
-    classes, or cat / dog from Dogs vs. Cats. Test photos are the next ones of each class in turn."""
+    per class, ``test/`` with ``n_test`` unlabelled ones, or in ``test/<class>/`` with
+    ``labelled_test``) of real shared photos: clothing-small's classes, or cat / dog from Dogs vs.
+    Cats. Test photos are the next ones of each class in turn, named 1, 2, ..."""
     def source(cls: str) -> list[Path]:
         if cls in ("cat", "dog"):
             return [PHOTOS / "train" / f"{cls}.{i}.jpg" for i in range(200)]
@@ -80,7 +82,9 @@ def make_class_dir(root: Path, per_class: dict[str, int], n_test: int = 0, valid
         for k in range(n_test):
             cls = classes[k % len(classes)]
             f = taken[cls][per_class[cls] + validation + k // len(classes)]
-            shutil.copy(f, root / "test" / f"{k + 1}{f.suffix}")
+            folder = root / "test" / cls if labelled_test else root / "test"
+            folder.mkdir(exist_ok=True)
+            shutil.copy(f, folder / f"{k + 1}{f.suffix}")
     return root
 
 

@@ -118,3 +118,15 @@ def test_class_folders_pool_their_classes(tmp_path):
     photos = load_photos([a, b])
     assert photos.task.classes == ("hat", "shoes", "skirt") and len(photos.train) == 9
     assert photos.task.columns == ("hat", "shoes", "skirt") and len(photos.test) == 2
+
+
+def test_test_split_in_class_folders_is_labelled(tmp_path):
+    """test/<class>/ (a dataset's own test split) gives labelled test photos with the file names
+    as ids; test/ folders that are not training classes stay unlabelled, named by their path."""
+    data = make_class_dir(tmp_path / "c", {"hat": 3, "shoes": 3, "skirt": 3}, n_test=5, labelled_test=True)
+    photos = load_photos(data)
+    assert [(p.id, p.label) for p in photos.test] == [("1", 0), ("2", 1), ("3", 2), ("4", 0), ("5", 1)]
+    (data / "test" / "skirt").rename(data / "test" / "batch2")
+    photos = load_photos(data)
+    assert [p.id for p in photos.test] == ["batch2/3", "hat/1", "hat/4", "shoes/2", "shoes/5"]
+    assert all(p.label == -1 for p in photos.test)
