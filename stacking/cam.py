@@ -15,6 +15,14 @@ Every deviation map has mean zero, so the map's mean is Z exactly, and Z itself 
 the feature maps (not copied from the prediction), so "mean == logit" checks the whole path.
 For a tree stacker (LightGBM) dZ/dL is zero almost everywhere; there the map weighs the level-1
 columns equally: it shows where the backbones looked, centred on the stacker's logit.
+
+With K > 2 classes the map explains one class c (by default the most probable): Z = logit P_c =
+log(P_c / (1 - P_c)), red where the photo says c. Each fold head gives K logits z_k, a level-1
+model P^j = mean_k softmax(z_k), the level-2 model P from every P^j. The same first-order step,
+with vectors: g_j = dZ/du_j for u_j = log P^j (a level-1 model served alone: (e_c - P) / (1 - P_c);
+a stacker: central differences, renormalising each perturbed row), then fold k's share of it
+dZ/dz_k = (r_k * g_j - s_k sum(r_k * g_j)) / F with s_k = softmax(z_k), r_k = s_k / P^j (<= F, so
+no small probability is divided by), and each position's deviation is (f - GAP) @ W_k dZ/dz_k.
 A level-1 model that is not linear in the GAP features (the ImageNet prior: a logistic regression
 on log-probabilities of the backbone's ImageNet classifier) contributes its gradient at the
 photo's GAP times each position's deviation from it: first order again, mean zero again, so the
@@ -31,6 +39,7 @@ import numpy as np
 from features.data import Photo
 from features.extract import Extractor, load_batch
 from features.images import ImageError
+from features.imagenet import softmax
 from features.models import build_feature_map_model
 from features.registry import Backbone
 from oof.crossfit import CrossFit
@@ -68,12 +77,13 @@ def fold_shares(z: np.ndarray) -> np.ndarray:
 
 
 def feature_gradient(model, x: np.ndarray) -> np.ndarray:
-    """d logit / d features of a fitted level-1 model at row ``x``: a linear head's weights, or
-    the model's own ``feature_gradient`` (the ImageNet prior)."""
+    """d logit / d features of a fitted level-1 model at row ``x``: a linear head's weights ((D, K)
+    for K class logits), or the model's own ``feature_gradient`` (the ImageNet prior)."""
     if hasattr(model, "feature_gradient"):
         return model.feature_gradient(x)
     _, scale, coef, _ = linear_parts(model)
-    return np.asarray(coef, np.float64) / np.asarray(scale, np.float64)
+    coef = np.asarray(coef, np.float64)
+    return coef / np.asarray(scale, np.float64).reshape(-1, *[1] * (coef.ndim - 1))
 
 
 def fold_logits(cf: CrossFit, x: np.ndarray) -> np.ndarray:
@@ -95,22 +105,89 @@ def linear_maps(cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]) ->
     is its gradient at the GAP times each position's features (a linear head: its own logit map).
     Fold models that read features of their own (``cf.inputs``: fine-tuned fold networks) each
     read their backbone's map."""
-    reads = [[i] for i in cf.inputs] if cf.inputs else [names] * len(cf.models)
-    gaps = [np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in r]) for r in reads]
+    reads, gaps = fold_reads(cf, fmaps, names)
     z = np.array([float(m.decision_function(g[None, :])[0]) for m, g in zip(cf.models, gaps)])
-    shares = fold_shares(z)
-    deviations = {n: np.zeros(fmaps[n].shape[:2]) for r in reads for n in r}
-    for share, model, gap, r in zip(shares, cf.models, gaps, reads):
-        grad = feature_gradient(model, gap)
-        start = 0
-        for n in r:
-            f = fmaps[n].astype(np.float64)
-            width = f.shape[-1]
-            w = grad[start:start + width]
-            dev = (f - f.mean(axis=(0, 1))) @ w
-            deviations[n] += share * dev
-            start += width
+    deviations: dict[str, np.ndarray] = {}
+    for share, model, gap, r in zip(fold_shares(z), cf.models, gaps, reads):
+        spread(deviations, fmaps, r, share * feature_gradient(model, gap))
     return LinearMaps(logit_of_mean_sigmoid(z), deviations)
+
+
+def fold_reads(cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]):
+    """Per fold model, the backbones whose maps it reads and its GAP row (their spatial means)."""
+    reads = [[i] for i in cf.inputs] if cf.inputs else [names] * len(cf.models)
+    return reads, [np.concatenate([fmaps[n].mean(axis=(0, 1)) for n in r]) for r in reads]
+
+
+def spread(deviations: dict[str, np.ndarray], fmaps: dict[str, np.ndarray], names: list[str],
+           grad: np.ndarray) -> None:
+    """Add (f - GAP) @ grad at every position of each backbone in ``names`` (``grad``: over their
+    features side by side) to ``deviations``: a first-order map with mean zero."""
+    start = 0
+    for n in names:
+        f = fmaps[n].astype(np.float64)
+        width = f.shape[-1]
+        dev = (f - f.mean(axis=(0, 1))) @ grad[start:start + width]
+        deviations[n] = deviations.get(n, 0.0) + dev
+        start += width
+
+
+def class_logit(p: np.ndarray, c: int) -> float:
+    """logit P_c = log P_c - log(sum of the other classes), exact when P_c rounds to 1."""
+    return float(np.log(p[c]) - np.log(np.delete(p, c).sum()))
+
+
+def logit_gradient(p: np.ndarray, c: int) -> np.ndarray:
+    """d logit P_c / d u for P = softmax(u): (e_c - P) / (1 - P_c), 1 - P_c summed from the others."""
+    g = -p / np.delete(p, c).sum()
+    g[c] = 1.0
+    return g
+
+
+@dataclass
+class ClassFolds:
+    """A K-class level-1 CrossFit at one photo: each fold model's K logits at the GAP row it reads."""
+
+    cf: CrossFit
+    reads: list[list[str]]
+    gaps: list[np.ndarray]
+    z: np.ndarray  # (folds, K)
+
+    @classmethod
+    def at(cls, cf: CrossFit, fmaps: dict[str, np.ndarray], names: list[str]) -> "ClassFolds":
+        reads, gaps = fold_reads(cf, fmaps, names)
+        z = np.array([m.decision_function(g[None, :])[0] for m, g in zip(cf.models, gaps)], np.float64)
+        return cls(cf, reads, gaps, z)
+
+    @property
+    def proba(self) -> np.ndarray:
+        """P^j: the mean of the folds' softmax, as CrossFit.predict averages them."""
+        return softmax(self.z).mean(axis=0)
+
+    def deviations(self, fmaps: dict[str, np.ndarray], g: np.ndarray) -> dict[str, np.ndarray]:
+        """Per backbone, the first-order map of Z around the GAP, given g = dZ/d log P^j."""
+        s, p = softmax(self.z), self.proba
+        out: dict[str, np.ndarray] = {}
+        for s_k, model, gap, r in zip(s, self.cf.models, self.gaps, self.reads):
+            rg = s_k / np.maximum(p, np.finfo(float).tiny) * g
+            dz = (rg - s_k * rg.sum()) / len(s)
+            spread(out, fmaps, r, feature_gradient(model, gap) @ dz)
+        return out
+
+
+def level2_class_gradients(cf: CrossFit, probas: list[np.ndarray], c: int) -> list[np.ndarray]:
+    """g_j = dZ/du_j of a K-class level-2 CrossFit (Z = logit P_c) for each level-1 input
+    P^j = softmax(u_j), by central differences in one batch of rows."""
+    u = [np.log(np.maximum(p, np.finfo(float).tiny)) for p in probas]
+    rows, k = [], len(probas[0])
+    for j in range(len(u)):
+        for i in range(k):
+            for step in (STEP, -STEP):
+                moved = [x.copy() for x in u]
+                moved[j][i] += step
+                rows.append(np.concatenate([softmax(x[None])[0] for x in moved]))
+    z = np.array([class_logit(p, c) for p in cf.predict(np.array(rows))])
+    return list(((z[0::2] - z[1::2]) / (2 * STEP)).reshape(len(u), k))
 
 
 def level2_weights(cf: CrossFit, logits: np.ndarray) -> np.ndarray:
@@ -130,20 +207,22 @@ def level2_weights(cf: CrossFit, logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Explanation:
-    """logit_map: (H, W) at the photo's size, red where it says dog; its mean is ``logit``."""
+    """logit_map: (H, W) at the photo's size, red where it says ``target`` (the class explained:
+    dog, or with K classes the one asked for, by default the most probable); its mean is
+    ``logit`` = logit P(target)."""
 
     model: str
     logit: float
     logit_map: np.ndarray
     weights: dict[str, float]
     note: str
+    target: str = ""
 
 
 class CamExplainer:
     """Builds each backbone's feature-map model once; explains one photo at a time."""
 
     def __init__(self, ensemble: Ensemble, weights=None, runtime: str = "auto", model: str | None = None):
-        ensemble.require_two_classes("The class activation map")
         self.ensemble = ensemble
         self.model = model or ensemble.submit_with
         if self.model not in ensemble.model_names:
@@ -183,14 +262,17 @@ class CamExplainer:
             out[name] = fmap
         return out
 
-    def explain(self, photo: Photo, size: tuple[int, int], reader=None,
-                model: str | None = None) -> Explanation:
+    def explain(self, photo: Photo, size: tuple[int, int], reader=None, model: str | None = None,
+                target: str | None = None) -> Explanation:
         """The CAM of ``model`` (default: the one chosen at construction) at ``size`` = (height,
-        width) of the shown photo."""
+        width) of the shown photo, for class ``target`` (two classes: always the second, P(dog);
+        K classes: default the model's most probable class for this photo)."""
         fmaps = self.feature_maps(photo, reader)
         ens, model = self.ensemble, model or self.model
         if model not in ens.model_names:
             raise KeyError(f"no model '{model}' in this ensemble; it has {', '.join(ens.model_names)}")
+        if not ens.task.binary:
+            return self._explain_class(fmaps, size, model, target)
         note = ""
         if model == CONCAT:
             lm = linear_maps(ens.concat, fmaps, [b["name"] for b in ens.feature_backbones])
@@ -207,8 +289,7 @@ class CamExplainer:
                 logit = logit_of_mean_sigmoid(fold_logits(cf, 1.0 / (1.0 + np.exp(-L))))
                 if isinstance(cf.models[0], LGBMStacker):
                     w = np.full(len(L), 1.0 / len(L))
-                    note = (f"{model} is a tree model, not linear in its inputs: the map weighs the "
-                            "backbones equally and is centred on its logit")
+                    note = tree_note(model)
                 else:
                     w = level2_weights(cf, L)
                 weights = dict(zip(columns, w.tolist()))
@@ -217,7 +298,41 @@ class CamExplainer:
                 if weights.get(name):
                     for n, dev in c.deviations.items():
                         deviations[n] += weights[name] * dev
-        return Explanation(model, logit, combine(logit, deviations, size), weights, note)
+        return Explanation(model, logit, combine(logit, deviations, size), weights, note, ens.task.classes[1])
+
+    def _explain_class(self, fmaps: dict[str, np.ndarray], size: tuple[int, int], model: str,
+                       target: str | None) -> Explanation:
+        """The K-class map (module docstring): Z = logit P(target) of ``model``."""
+        ens, note = self.ensemble, ""
+        if model == CONCAT:
+            parts = {CONCAT: ClassFolds.at(ens.concat, fmaps, [b["name"] for b in ens.feature_backbones])}
+        else:
+            parts = {name: ClassFolds.at(cf, fmaps, [ens.backbone_of(name)]) for name, cf in ens.level1.items()}
+        probas = [part.proba for part in parts.values()]
+        p = parts[model].proba if model in parts else ens.level2[model].predict(np.concatenate(probas)[None])[0]
+        classes = list(ens.task.classes)
+        if target is not None and target not in classes:
+            raise KeyError(f"no class '{target}' in this task; it has {', '.join(classes)}")
+        c = int(np.argmax(p)) if target is None else classes.index(target)
+        if model in parts:
+            gradients = {model: logit_gradient(p, c)}
+        elif isinstance(ens.level2[model].models[0], LGBMStacker):
+            gradients = {name: logit_gradient(q, c) / len(parts) for name, q in zip(parts, probas)}
+            note = tree_note(model)
+        else:
+            gradients = dict(zip(parts, level2_class_gradients(ens.level2[model], probas, c)))
+        deviations = {n: np.zeros(fmaps[n].shape[:2]) for n in self.names}
+        for name, g in gradients.items():
+            for n, dev in parts[name].deviations(fmaps, g).items():
+                deviations[n] += dev
+        logit = class_logit(p, c)
+        weights = {name: float(g[c]) for name, g in gradients.items()}
+        return Explanation(model, logit, combine(logit, deviations, size), weights, note, classes[c])
+
+
+def tree_note(model: str) -> str:
+    return (f"{model} is a tree model, not linear in its inputs: the map weighs the "
+            "backbones equally and is centred on its logit")
 
 
 def combine(logit: float, deviations: dict[str, np.ndarray], size: tuple[int, int]) -> np.ndarray:
@@ -232,8 +347,9 @@ def combine(logit: float, deviations: dict[str, np.ndarray], size: tuple[int, in
 
 
 def overlay(rgb: np.ndarray, logit_map: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """The photo with the map on top: red where the map says dog, blue where it says cat, the
-    colour's strength in proportion to |logit| (scale: the map's largest |logit|)."""
+    """The photo with the map on top: red where the map says the class it explains (dog), blue
+    where it says otherwise (cat), the colour's strength in proportion to |logit| (scale: the
+    map's largest |logit|)."""
     scale = max(float(np.abs(logit_map).max()), 1e-6)
     t = np.clip(logit_map / scale, -1, 1)[..., None]
     red, blue = np.array([220.0, 40, 30]), np.array([30.0, 90, 230])

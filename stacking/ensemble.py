@@ -58,14 +58,6 @@ class Ensemble:
     def model_names(self) -> list[str]:
         return [*self.level1, *([CONCAT] if self.concat else []), *self.level2]
 
-    def require_two_classes(self, what: str) -> None:
-        """``what`` (the CAM page, the mobile export) is made for one P(class 1) output: a K-class
-        ensemble is refused in one sentence rather than drawn or exported wrong."""
-        if not self.task.binary:
-            raise ValueError(f"{what} handles two-class models in this version; this one has "
-                             f"{self.task.n_classes} classes ({', '.join(self.task.classes[:4])}, ...): "
-                             "python -m stacking.predict gives every class's probability")
-
     def backbone_of(self, level1_name: str) -> str:
         return level1_name.split("/")[0]
 

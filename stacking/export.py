@@ -1,12 +1,15 @@
-"""Export the photo-to-P(dog) model for phones and edge devices: TFLite, ONNX or Core ML.
+"""Export the photo-to-P(dog) model (K classes: to K class probabilities) for phones and edge
+devices: TFLite, ONNX or Core ML.
 
     python -m stacking.export --model OUT/model --format tflite|onnx|coreml --out FILE
                               [--use MODEL | --backbones NAME ...] [--quantize none|float16|int8]
 
 One graph: RGB pixels (N, H, W, 3) float32 0..255 at the backbone's size -> the backbone(s), their
 GAP, the fold heads and ImageNet priors (averaged in probability, as the run averages them), the
-linear level-2 model and the clip -> P(dog) (N, 1). A JSON file beside it states the input and output; the export is
-checked against the Python model on real photos and the result goes into that JSON too.
+linear level-2 model and the clip -> P(dog) (N, 1), or with K > 2 classes every class's probability
+(N, K), output ``probabilities``, the classes' order in the JSON. A JSON file beside it states the
+input and output; the export is checked against the Python model on real photos and the result
+goes into that JSON too.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from oof.heads import linear_parts
 from features.imagenet import CATS, DOGS
 from oof.prior import PETS, ImageNetPrior
 from stacking.ensemble import CONCAT, Ensemble
-from stacking.stackers import LOGIT_EPS, AverageStacker, LRStacker
+from stacking.stackers import LOGIT_EPS, AverageStacker, LRStacker, PooledSoftmax
 
 log = logging.getLogger("gapstack")
 
@@ -58,8 +61,9 @@ def _dense(x, weights: np.ndarray, biases: np.ndarray, name: str):
 
 
 def _level1_head(feats: dict, ensemble: Ensemble, h: str):
-    """A level-1 model's P(dog) column: its fold models on its backbone's features, or, for a
-    fine-tuned model, each fold's head on its own fold network's features, averaged."""
+    """A level-1 model's P(dog) column (K classes: its K columns): its fold models on its
+    backbone's features, or, for a fine-tuned model, each fold's head on its own fold network's
+    features, averaged."""
     from keras import ops
 
     cf, name = ensemble.level1[h], "head_" + h.replace("/", "_")
@@ -67,11 +71,12 @@ def _level1_head(feats: dict, ensemble: Ensemble, h: str):
         return _fold_head(feats[ensemble.backbone_of(h)], cf, name)
     parts = [_fold_head(feats[i], CrossFit(cf.oof, [m]), f"{name}_{k}")
              for k, (m, i) in enumerate(zip(cf.models, cf.inputs))]
-    return ops.mean(ops.concatenate(parts, axis=-1), axis=-1, keepdims=True)
+    return ops.mean(ops.stack(parts, axis=1), axis=1)
 
 
 def _fold_head(features, cf: CrossFit, name: str):
-    """Mean over folds of sigmoid(linear head), on the GAP features."""
+    """Mean over folds of sigmoid(linear head) (K classes: of softmax(its K logits)), on the GAP
+    features."""
     from keras import ops
 
     if isinstance(cf.models[0], ImageNetPrior):
@@ -79,11 +84,14 @@ def _fold_head(features, cf: CrossFit, name: str):
     weights, biases = [], []
     for m in cf.models:
         mean, scale, coef, b = linear_parts(m)
-        w = np.asarray(coef, np.float64) / np.asarray(scale, np.float64)
-        weights.append(w)
-        biases.append(b - float(np.asarray(mean, np.float64) @ w))
-    z = _dense(features, np.stack(weights, axis=1), np.array(biases), name)
-    return ops.mean(ops.sigmoid(z), axis=-1, keepdims=True)
+        coef = np.asarray(coef, np.float64)
+        w = coef / np.asarray(scale, np.float64).reshape(-1, *[1] * (coef.ndim - 1))
+        weights.append(w.reshape(len(w), -1))
+        biases.append(np.asarray(b, np.float64).reshape(-1) - np.asarray(mean, np.float64) @ weights[-1])
+    z = _dense(features, np.concatenate(weights, axis=1), np.concatenate(biases), name)
+    if cf.n_classes == 2:
+        return ops.mean(ops.sigmoid(z), axis=-1, keepdims=True)
+    return ops.mean(ops.softmax(ops.reshape(z, (-1, len(cf.models), cf.n_classes)), axis=-1), axis=1)
 
 
 def _prior_head(features, cf: CrossFit, name: str):
@@ -112,35 +120,60 @@ def _prior_head(features, cf: CrossFit, name: str):
     return ops.mean(ops.sigmoid(out), axis=-1, keepdims=True)
 
 
-def _stack(columns, cf: CrossFit):
-    """A linear level-2 CrossFit over level-1 P(dog) columns (N, J)."""
+def _mean_of_models(columns, n_classes: int):
+    """The plain mean of level-1 columns: (N, M) P(dog), or (N, M * K) model by model."""
     from keras import ops
 
-    model = cf.models[0]
+    if n_classes == 2:
+        return ops.mean(columns, axis=-1, keepdims=True)
+    return ops.mean(ops.reshape(columns, (-1, columns.shape[-1] // n_classes, n_classes)), axis=1)
+
+
+def _stack(columns, cf: CrossFit):
+    """A linear level-2 CrossFit over level-1 P(dog) columns (N, J) (K classes: (N, J * K) class
+    probabilities, on their logarithms)."""
+    from keras import ops
+
+    model, k = cf.models[0], cf.n_classes
     if isinstance(model, AverageStacker):
-        return ops.clip(ops.mean(columns, axis=-1, keepdims=True), LOGIT_EPS, 1 - LOGIT_EPS)
+        mean = _mean_of_models(columns, k)
+        if k == 2:
+            return ops.clip(mean, LOGIT_EPS, 1 - LOGIT_EPS)
+        mean = ops.clip(mean, LOGIT_EPS, 1.0)
+        return mean / ops.sum(mean, axis=-1, keepdims=True)
     if not isinstance(model, LRStacker):
         raise ExportError(f"{type(model).__name__} is not linear in its inputs and has no graph "
                           "form here; export a linear model (--use stack-lr, average or a "
                           "backbone head) or pick --backbones")
-    p = ops.clip(columns, LOGIT_EPS, 1 - LOGIT_EPS)
-    W = np.stack([m.model_.coef_[0] for m in cf.models], axis=1)
-    c = np.array([m.model_.intercept_[0] for m in cf.models])
-    z = _dense(ops.log(p / (1 - p)), W, c, "level2")
-    return ops.mean(ops.sigmoid(z), axis=-1, keepdims=True)
+    if k == 2:
+        p = ops.clip(columns, LOGIT_EPS, 1 - LOGIT_EPS)
+        W = np.stack([m.model_.coef_[0] for m in cf.models], axis=1)
+        c = np.array([m.model_.intercept_[0] for m in cf.models])
+        z = _dense(ops.log(p / (1 - p)), W, c, "level2")
+        return ops.mean(ops.sigmoid(z), axis=-1, keepdims=True)
+    parts = [_class_weights(m.model_, columns.shape[-1], k) for m in cf.models]
+    z = _dense(ops.log(ops.clip(columns, LOGIT_EPS, 1.0)), np.concatenate([w for w, _ in parts], axis=1),
+               np.concatenate([b for _, b in parts]), "level2")
+    return ops.mean(ops.softmax(ops.reshape(z, (-1, len(parts), k)), axis=-1), axis=1)
+
+
+def _class_weights(model, n_inputs: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A K-class linear stacker as (W (M * K, K), b (K,)): class logits = log P @ W + b. The pooled
+    form (a weight per model, ``PooledSoftmax``) is the block matrix w_m * identity."""
+    if isinstance(model, PooledSoftmax):
+        return np.kron(model.coef_[:, None], np.eye(k)), model.intercept_
+    return model.coef_.T, model.intercept_
 
 
 def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str] | None = None,
                 weights: str | None = None):
-    """(Keras model pixels -> P(dog), description). ``backbones``: only these backbones' level-1
-    heads, averaged; otherwise the model ``use`` (default: the submitted one)."""
+    """(Keras model pixels -> P(dog) (K classes: their probabilities), description). ``backbones``:
+    only these backbones' level-1 heads, averaged; otherwise the model ``use`` (default: the
+    submitted one)."""
     import keras
     from keras import ops
 
-    try:
-        ensemble.require_two_classes("The mobile export")
-    except ValueError as exc:
-        raise ExportError(str(exc)) from None
+    task = ensemble.task
     all_names = [b["name"] for b in ensemble.backbones]
     if backbones:
         unknown = sorted(set(backbones) - set(all_names))
@@ -185,10 +218,21 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
         if use in ensemble.level2:
             p = _stack(columns, ensemble.level2[use])
         else:
-            p = ops.mean(columns, axis=-1, keepdims=True)
+            p = _mean_of_models(columns, task.n_classes)
     if ensemble.clip:
         p = ops.clip(p, *ensemble.clip)
-    model = keras.Model(pixels, p, name="p_dog")
+        if not task.binary:  # clipped, then renormalised, as the submission is
+            p = p / ops.sum(p, axis=-1, keepdims=True)
+    output = output_name(task)
+    model = keras.Model(pixels, p, name=output)
+    if task.binary:
+        meaning = ("P(dog): probability that the photo shows a dog" if task.cats_and_dogs
+                   else f"P({task.classes[1]}): probability of class '{task.classes[1]}' (the other: '{task.classes[0]}')")
+        out = {"name": output, "shape": [None, 1], "dtype": "float32", "meaning": meaning}
+    else:
+        out = {"name": output, "shape": [None, task.n_classes], "dtype": "float32",
+               "meaning": "each class's probability, in the order of 'classes'; rows sum to 1",
+               "classes": list(task.classes)}
     description = {
         "model": use, "backbones": list(entries), "clip": ensemble.clip,
         "input": {"name": "pixels", "shape": [None, height, width, 3], "dtype": "float32",
@@ -197,8 +241,7 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
                             "interpolation (OpenCV; area falls back to bilinear when enlarging)",
                   "resize_method": method,
                   "preprocessing": "inside the graph: feed raw pixels"},
-        "output": {"name": "p_dog", "shape": [None, 1], "dtype": "float32",
-                   "meaning": "P(dog): probability that the photo shows a dog"},
+        "output": out,
     }
     if len(set(sizes.values())) > 1:
         description["note"] = ("backbones of several input sizes share one input; the smaller ones "
@@ -206,10 +249,24 @@ def photo_model(ensemble: Ensemble, use: str | None = None, backbones: list[str]
     return model, description
 
 
-def sample_photos(data_dirs=None, n: int = CALIBRATION_PHOTOS, offset: int = 0) -> list[Photo]:
+def output_name(task) -> str:
+    """The graph's output: ``p_dog`` for two classes (P(classes[1]), the name phone apps already
+    read), ``probabilities`` for K."""
+    return "p_dog" if task.binary else "probabilities"
+
+
+def sample_photos(data_dirs=None, n: int = CALIBRATION_PHOTOS, offset: int = 0,
+                  classes: tuple[str, ...] | None = None) -> list[Photo]:
     """``n`` training photos spread over the set (every k-th, starting at ``offset``: calibration
-    takes offset 0, the parity check offset 1, so they never share a photo)."""
-    photos = load_photos(data_dirs or default_data_dirs(), require_test=False).train
+    takes offset 0, the parity check offset 1, so they never share a photo). ``classes``: the
+    model's, which the photos' labels must index the same way."""
+    dirs = data_dirs or default_data_dirs()
+    found = load_photos(dirs, require_test=False)
+    if classes is not None and tuple(found.task.classes) != tuple(classes):
+        raise ExportError(f"{', '.join(map(str, dirs))}: photos of classes {', '.join(found.task.classes[:6])}, "
+                          f"but the model's are {', '.join(classes[:6])}; pass --data with the "
+                          "photos it was trained on (int8 calibration and the parity check use them)")
+    photos = found.train
     step = max(2, len(photos) // n)
     return photos[offset::step][:n]
 
@@ -221,15 +278,16 @@ def pixels_of(photos: list[Photo], size: tuple[int, int], method: str = "area") 
                      for p in photos])
 
 
-def _frozen_function(model, output_name: str = "p_dog"):
-    """The model as a TensorFlow concrete function with its weights as constants (batch 1):
-    TFLite reads resource variables as uninitialised (NaN outputs) otherwise."""
+def _frozen_function(model):
+    """The model as a TensorFlow concrete function with its weights as constants (batch 1), its
+    output named as the model is (``output_name``): TFLite reads resource variables as
+    uninitialised (NaN outputs) otherwise."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     @tf.autograph.experimental.do_not_convert
     def serve(pixels):
-        return {output_name: model(pixels, training=False)}
+        return {model.name: model(pixels, training=False)}
 
     spec = tf.TensorSpec((1, *model.input_shape[1:]), tf.float32, name="pixels")
     return convert_variables_to_constants_v2(tf.function(serve).get_concrete_function(spec))
@@ -251,7 +309,7 @@ def to_tflite(model, quantize: str, calibration: np.ndarray | None) -> bytes:
 def to_onnx_file(model, quantize: str, calibration: np.ndarray | None, out: Path) -> None:
     from features.runtime import to_onnx
 
-    proto = to_onnx(model, output_name="p_dog")
+    proto = to_onnx(model, output_name=model.name)
     if quantize == "float16":
         from onnxconverter_common import float16
 
@@ -294,10 +352,11 @@ def to_coreml(model, quantize: str, out: Path) -> dict:
             global_config=ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric"))
         mlmodel = ct.optimize.coreml.linear_quantize_weights(mlmodel, config)
     mlspec = mlmodel.get_spec()
-    if mlspec.description.output[0].name != "p_dog":
-        ct.utils.rename_feature(mlspec, mlspec.description.output[0].name, "p_dog")
+    if mlspec.description.output[0].name != model.name:
+        ct.utils.rename_feature(mlspec, mlspec.description.output[0].name, model.name)
         mlmodel = ct.models.MLModel(mlspec, weights_dir=mlmodel.weights_dir)
-    mlmodel.short_description = "P(dog) for one RGB photo, float32 0..255 (gapstack)"
+    mlmodel.short_description = (f"{'P(dog)' if model.name == 'p_dog' else 'class probabilities'} "
+                                 "for one RGB photo, float32 0..255 (gapstack)")
     mlmodel.save(str(out))
     spec = mlmodel.get_spec()
     return {"inputs": [_coreml_feature(f) for f in spec.description.input],
@@ -334,16 +393,17 @@ class Runner:
             raise ExportError(f"{self.path}: only .tflite and .onnx files run here (Core ML needs Apple hardware)")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """P(dog) per photo for (N, H, W, 3) float32 pixels."""
+        """P(dog) per photo (N,) (K classes: (N, K)) for (N, H, W, 3) float32 pixels."""
         out = []
         for row in np.asarray(pixels, np.float32):
             if self.session is not None:
-                out.append(self.session.run(None, {"pixels": row[None]})[0].reshape(-1)[0])
+                out.append(self.session.run(None, {"pixels": row[None]})[0].reshape(-1))
             else:
                 self.interpreter.set_tensor(self.input, row[None])
                 self.interpreter.invoke()
-                out.append(self.interpreter.get_tensor(self.output).reshape(-1)[0])
-        return np.array(out, dtype=np.float64)
+                out.append(self.interpreter.get_tensor(self.output).reshape(-1))
+        out = np.array(out, dtype=np.float64)
+        return out[:, 0] if out.shape[1] == 1 else out
 
 
 def export(model_dir: str | Path, fmt: str, out: str | Path, use: str | None = None,
@@ -366,7 +426,12 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, use: str | None = N
                     " quantized its own way" if quantize == "int8" else "", out)
     model, info = photo_model(ensemble, use, backbones, weights)
     size, method = tuple(info["input"]["shape"][1:3]), info["input"]["resize_method"]
-    calibration = pixels_of(sample_photos(data_dirs), size, method) if quantize == "int8" else None
+    classes = ensemble.task.classes
+    if data_dirs is None and not ensemble.task.cats_and_dogs and (quantize == "int8" or (fmt != "coreml" and check_photos)):
+        raise ExportError(f"this model's classes ({', '.join(classes[:6])}) are not Dogs vs. Cats: pass "
+                          "--data with its photos (int8 calibration and the parity check use them), "
+                          "or --check-photos 0")
+    calibration = pixels_of(sample_photos(data_dirs, classes=classes), size, method) if quantize == "int8" else None
     started = time.perf_counter()
     if fmt == "tflite":
         out.write_bytes(to_tflite(model, quantize, calibration))
@@ -389,8 +454,8 @@ def parity(path: Path, model_dir, info: dict, data_dirs, n: int, weights=None) -
     from stacking.predict import Predictor
     from stacking.submission import clip, scores
 
-    photos = sample_photos(data_dirs, n, offset=1)
     predictor = Predictor(model_dir, weights)
+    photos = sample_photos(data_dirs, n, offset=1, classes=predictor.ensemble.task.classes)
     every, reasons = predictor.predict_all(photos)
     if info["model"] in every:
         reference = every[info["model"]]
@@ -401,7 +466,7 @@ def parity(path: Path, model_dir, info: dict, data_dirs, n: int, weights=None) -
     runner = Runner(path)
     pixels = pixels_of(photos, tuple(info["input"]["shape"][1:3]), info["input"]["resize_method"])
     got = runner(pixels)
-    ok = ~np.isnan(reference)
+    ok = ~np.isnan(reference.reshape(len(reference), -1)).any(axis=1)  # readable photos
     runner(pixels[:2])  # warm-up
     started = time.perf_counter()
     runner(pixels[:20])

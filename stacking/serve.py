@@ -1,4 +1,5 @@
-"""A web page and JSON API serving a saved ensemble: P(dog) and its class activation map.
+"""A web page and JSON API serving a saved ensemble: P(dog) (K classes: every class's probability,
+most probable first) and the class activation map of the most probable class.
 
     python -m stacking.serve --model OUT/model [--host 127.0.0.1] [--port 8000]
 
@@ -56,13 +57,16 @@ class Service:
     def info(self) -> dict:
         ens = self.ensemble
         return {"model": self.model, "backbones": [b["name"] for b in ens.backbones],
-                "level1": list(ens.level1), "clip": ens.clip, "max_upload_mb": MAX_UPLOAD_MB}
+                "level1": list(ens.level1), "clip": ens.clip, "max_upload_mb": MAX_UPLOAD_MB,
+                "classes": list(ens.task.classes)}
 
-    def votes(self, out: dict[str, np.ndarray]) -> dict[str, float]:
-        """Each backbone's level-1 P(dog), keyed by backbone (by model when a backbone has several heads)."""
+    def votes(self, out: dict[str, np.ndarray], c: int = 1) -> dict[str, float]:
+        """Each backbone's level-1 P(class ``c``) (two classes: P(dog)), keyed by backbone (by model
+        when a backbone has several heads)."""
         names = list(self.ensemble.level1)
         backbones = [self.ensemble.backbone_of(n) for n in names]
-        return {(b if backbones.count(b) == 1 else n): float(out[n][0]) for n, b in zip(names, backbones)}
+        return {(b if backbones.count(b) == 1 else n): float(class_probabilities(out[n][0])[c])
+                for n, b in zip(names, backbones)}
 
     def answer(self, data: bytes, filename: str = "") -> dict:
         name = _display_name(filename)
@@ -81,18 +85,30 @@ class Service:
             if reasons[0]:
                 raise BadPhoto(f"{name}: {reasons[0]}", 422)
             explanation = self.cam.explain(photo, shown.shape[:2], reader)
-        p = float(clip(out[self.model], self.ensemble.clip)[0])  # as stacking.predict clips
-        return {
-            "p_dog": p,
-            "label": "dog" if p > 0.5 else "cat",
+        p = class_probabilities(clip(out[self.model], self.ensemble.clip)[0])  # as stacking.predict clips
+        classes = self.ensemble.task.classes
+        shown_class = classes.index(explanation.target)
+        reply = {
+            "label": classes[int(np.argmax(p))],
+            "probabilities": [[classes[k], float(p[k])] for k in np.argsort(-p, kind="stable")],
             "model": self.model,
-            "backbones": self.votes(out),
+            "backbones": self.votes(out, shown_class),
             "logit": _finite(explanation.logit),
-            "cam": {"explains": self.model, "mean_logit": _finite(float(explanation.logit_map.mean())),
+            "cam": {"explains": self.model, "class": explanation.target,
+                    "mean_logit": _finite(float(explanation.logit_map.mean())),
                     "weights": explanation.weights, "note": explanation.note,
                     "range": [float(explanation.logit_map.min()), float(explanation.logit_map.max())]},
             "cam_png": _png_base64(overlay(shown, explanation.logit_map)),
         }
+        if len(classes) == 2:
+            reply["p_dog"] = float(p[1])  # P(classes[1]): P(dog) on Dogs vs. Cats
+        return reply
+
+
+def class_probabilities(p) -> np.ndarray:
+    """Every class's probability: (1 - p, p) from a two-class model's P(class 1), else as given."""
+    p = np.asarray(p, dtype=float)
+    return np.array([1.0 - p, p]) if p.ndim == 0 else p
 
 
 def _display_name(filename: str) -> str:

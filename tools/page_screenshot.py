@@ -28,7 +28,8 @@ def find_browser() -> tuple[str, str] | None:
 def upload_and_read(url: str, photo: str | Path, screenshot: str | Path | None = None,
                     timeout: float = 120) -> dict:
     """Open ``url``, upload ``photo`` through the file input, wait for the result; returns what the
-    page shows: verdict, P(dog) text, status line and the CAM image's natural size."""
+    page shows: title, verdict, the shown probability's name and value, the class and vote table rows,
+    the map's caption, the status line and the CAM image's natural size."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -58,6 +59,11 @@ def upload_and_read(url: str, photo: str | Path, screenshot: str | Path | None =
         shown = {
             "verdict": driver.find_element(By.ID, "verdict").text,
             "p_dog": driver.find_element(By.ID, "pdog-value").text,
+            "p_name": driver.find_element(By.ID, "pdog-name").text,
+            "title": driver.find_element(By.ID, "title").text,
+            "classes": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#classes tr")],
+            "votes": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#votes tr")],
+            "cam_note": driver.find_element(By.ID, "camnote").text,
             "status": driver.find_element(By.ID, "status").text,
             "image_loaded": bool(image[0]) and image[1] > 0,
             "image_size": (image[1], image[2]),
