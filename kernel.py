@@ -2834,6 +2834,46 @@ def output_layer(n_classes: int) -> tuple[int, str, str]:
     return n_classes, "softmax", "sparse_categorical_crossentropy"
 
 
+def train_dense(Z: np.ndarray, target: np.ndarray, n_classes: int, dropout: float, epochs: int,
+                batch_size: int, learning_rate: float, l2: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (D, units), bias (units,)) of Dropout + Dense trained on ``Z`` with Adam.
+
+    What ``keras.Model.fit(shuffle=True)`` does for ``output_layer(n_classes)``: Glorot-uniform
+    kernel, zero bias; each epoch a new order, mini-batches of ``batch_size`` (the last one
+    smaller); inverted dropout on the inputs; the mean cross-entropy of the batch (sigmoid or
+    softmax, whose gradient in the logits is p - y) plus ``l2 * sum(kernel ** 2)``; Keras' Adam
+    (beta 0.9 / 0.999, epsilon 1e-7, bias correction in the step size). ``target``: 0/1 for two
+    classes, class indices for more (what ``Classifier._set_classes`` returns).
+    """
+    rng = np.random.default_rng(seed)
+    n, d = Z.shape
+    units = output_layer(n_classes)[0]
+    Y = target.reshape(-1, 1).astype(np.float32) if units == 1 else np.eye(units, dtype=np.float32)[target]
+    limit = np.sqrt(6.0 / (d + units))
+    params = [rng.uniform(-limit, limit, (d, units)).astype(np.float32), np.zeros(units, np.float32)]
+    moments = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    beta1, beta2, eps, step = 0.9, 0.999, 1e-7, 0
+    keep = 1.0 - dropout
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            x = Z[rows]
+            if dropout > 0:
+                x = x * ((rng.random(x.shape, dtype=np.float32) < keep) / np.float32(keep))
+            z = x @ params[0] + params[1]
+            p = 1.0 / (1.0 + np.exp(-z)) if units == 1 else softmax(z)
+            g = (p - Y[rows]) / np.float32(len(rows))
+            grads = [x.T @ g + np.float32(2 * l2) * params[0], g.sum(axis=0)]
+            step += 1
+            rate = learning_rate * np.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+            for param, grad, m, v in zip(params, grads, *moments):
+                m += (grad - m) * (1 - beta1)
+                v += (grad * grad - v) * (1 - beta2)
+                param -= (rate * m / (np.sqrt(v) + eps)).astype(np.float32)
+    return params[0], params[1]
+
+
 class Classifier(ClassifierMixin, BaseEstimator):
     """What our estimators share, for two classes or K: ``decision_function`` is the logit of
     P(classes_[1]) for two classes (the binary task stays exactly what it was), class logits
@@ -2916,18 +2956,20 @@ class LogisticHead(Classifier):
 
 
 class KerasHead(Classifier):
-    """The public write-ups' head: Dropout + Dense(1, sigmoid), trained with Keras (Dense(K, softmax)
-    for K > 2 classes).
+    """The public write-ups' Keras head: Dropout + Dense(1, sigmoid) (Dense(K, softmax) for K > 2
+    classes), Glorot-uniform kernel, zero bias, Adam as Keras has it, shuffled mini-batches.
 
-    At prediction time dropout is the identity, so the fitted head is a linear model; it is kept
-    as ``coef_``/``intercept_`` (on standardised features), which makes the estimator picklable
-    and its predictions independent of Keras.
+    Trained by ``train_dense`` in NumPy, step for step what ``keras.Model.fit`` does with these
+    layers: a Keras fit costs about a second of graph building and per-epoch overhead whatever the
+    data, which on a stacking run's small folds was most of the head's time, and made the head's
+    results depend on the Keras version. At prediction time dropout is the identity, so the
+    fitted head is a linear model kept as ``coef_``/``intercept_`` (on standardised features).
 
     Parameters
     ----------
     dropout : float, fraction of inputs dropped while training.
     epochs, batch_size, learning_rate : Adam training schedule.
-    l2 : float, L2 penalty on the Dense kernel.
+    l2 : float, L2 penalty on the Dense kernel (Keras' ``L2(l2)``: ``l2 * sum(w ** 2)``).
     standardize : bool, scale features to zero mean, unit variance first.
     random_state : int, seed of weight initialisation, dropout and shuffling.
     """
@@ -2944,24 +2986,16 @@ class KerasHead(Classifier):
         self.random_state = random_state
 
     def fit(self, X, y):
-        import keras
-
         X, y = validate_data(self, X, y, dtype=np.float32)
         target = self._set_classes(y)
         self.mean_ = X.mean(axis=0) if self.standardize else np.zeros(X.shape[1], np.float32)
         scale = X.std(axis=0) if self.standardize else np.ones(X.shape[1], np.float32)
         self.scale_ = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        Z = (X - self.mean_) / self.scale_
-        keras.utils.set_random_seed(self.random_state)
-        units, activation, loss = output_layer(len(self.classes_))
-        binary = units == 1
-        dense = keras.layers.Dense(units, activation=activation,
-                                   kernel_regularizer=keras.regularizers.L2(self.l2) if self.l2 else None)
-        model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dropout(self.dropout), dense])
-        model.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss)
-        model.fit(Z, target, epochs=self.epochs, batch_size=self.batch_size, verbose=0, shuffle=True)
-        kernel, bias = dense.get_weights()
+        kernel, bias = train_dense((X - self.mean_) / self.scale_, target, len(self.classes_),
+                                   self.dropout, self.epochs, self.batch_size, self.learning_rate,
+                                   self.l2, self.random_state)
         # Two classes: one logit, coef_ (D,); K classes: coef_ (D, K), intercept_ (K,).
+        binary = kernel.shape[1] == 1
         self.coef_ = (kernel[:, 0] if binary else kernel).astype(np.float64)
         self.intercept_ = float(bias[0]) if binary else bias.astype(np.float64)
         return self
