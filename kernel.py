@@ -76,9 +76,11 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
 
-# Converted ONNX graphs, keyed by model and converter versions (per user, shared by every run).
-ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
-                                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack" / "onnx"))
+# Per user, shared by every run: converted ONNX graphs, keyed by model and converter versions;
+# fine-tuning speeds measured on this machine, keyed by network, batch, devices and versions.
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack"
+ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE", USER_CACHE / "onnx"))
+RATES_FILE = Path(os.environ.get("GAPSTACK_RATES", USER_CACHE / "training_rates.json"))
 
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2
@@ -3509,6 +3511,49 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     return len(batch) / float(np.mean(times[1:]))
 
 
+def rate_key(backbone: Backbone, recipe: Recipe) -> str:
+    """What a training speed depends on: the network and its input, the batch, the devices, the
+    software and the machine (CPU model and flags, cores); not the weights or the photos."""
+    import keras
+
+    cpu = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("model name", "flags") and name.strip() not in cpu:
+                cpu[name.strip()] = value.strip()
+    parts = {"backbone": backbone.name, "input": list(backbone.input_size), "batch": recipe.batch_size,
+             "devices": list(training_devices()), "keras": keras.__version__,
+             "backend": keras.backend.backend(), "cpu": cpu, "cores": os.cpu_count()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Recipe = Recipe(),
+                    rates: Path = RATES_FILE) -> tuple[float, str | None]:
+    """(photos per second of training, the date it was measured, or None: measured just now).
+
+    Measuring costs a network built and a training step traced (about 12 s for Lite0 on 2 cores,
+    more than the training of a small run), so a speed measured on this machine is kept in
+    ``rates`` and reused; the estimate it gives is re-measured as folds finish (FoldClock)."""
+    key = rate_key(backbone, recipe)
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(rates.read_text()).get(key)
+        if known:
+            return float(known["photos_per_s"]), known["measured"]
+    rate = training_rate(backbone, weights, photos, recipe)
+    with contextlib.suppress(OSError):  # a read-only home keeps working, measuring each time
+        rates.parent.mkdir(parents=True, exist_ok=True)
+        with extraction_lock(rates):
+            try:
+                table = json.loads(rates.read_text())
+            except (OSError, ValueError):
+                table = {}
+            table[key] = {"photos_per_s": rate, "measured": time.strftime("%Y-%m-%d"),
+                          "backbone": backbone.name, "batch": recipe.batch_size}
+            atomic_write(rates, lambda f: f.write(json.dumps(table, indent=1).encode()))
+    return rate, None
+
+
 def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,
                      predict_rate: float, folds_left: int | None = None) -> float:
     """Seconds to fine-tune the folds left: each trains on the other folds' photos for ``epochs``
@@ -4757,23 +4802,24 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
 def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
-    Training speed is measured on a few steps here; predicting speed is the frozen backbone's
+    Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
+    predicting speed is the frozen backbone's
     extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
     float32, as fold networks predict (else three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
-    train_rate = training_rate(backbone, weights, data.train, recipe)
+    train_rate, measured = remembered_rate(backbone, weights, data.train, recipe)
     run = frozen.get("last_run") or {}
     same = run.get("seconds") and run.get("precision", "float32") == "float32"
     predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left))
     log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
-             "and predicting at %.0f (measured here): about %.0f min", backbone.name, len(left),
+             "and predicting at %.0f (measured here%s): about %.0f min", backbone.name, len(left),
              recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate, predict_rate,
-             seconds / 60)
+             f" on {measured}" if measured else "", seconds / 60)
     return seconds
 
 

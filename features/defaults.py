@@ -14,9 +14,11 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 CACHE_DIR = Path(os.environ.get("GAPSTACK_CACHE", "cache"))
 
-# Converted ONNX graphs, keyed by model and converter versions (per user, shared by every run).
-ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE",
-                                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack" / "onnx"))
+# Per user, shared by every run: converted ONNX graphs, keyed by model and converter versions;
+# fine-tuning speeds measured on this machine, keyed by network, batch, devices and versions.
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gapstack"
+ONNX_CACHE = Path(os.environ.get("GAPSTACK_ONNX_CACHE", USER_CACHE / "onnx"))
+RATES_FILE = Path(os.environ.get("GAPSTACK_RATES", USER_CACHE / "training_rates.json"))
 
 # Decoding threads: one per core (the forward pass overlaps them).
 WORKERS = os.cpu_count() or 2

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from features.cache import extraction_lock
+from features.cache import atomic_write, extraction_lock
 from features.data import Photo, PhotoReader
-from features.defaults import SEED, WORKERS
+from features.defaults import RATES_FILE, SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
 from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
@@ -349,6 +349,49 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
         times.append(time.perf_counter() - started)
     keras.backend.clear_session()
     return len(batch) / float(np.mean(times[1:]))
+
+
+def rate_key(backbone: Backbone, recipe: Recipe) -> str:
+    """What a training speed depends on: the network and its input, the batch, the devices, the
+    software and the machine (CPU model and flags, cores); not the weights or the photos."""
+    import keras
+
+    cpu = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("model name", "flags") and name.strip() not in cpu:
+                cpu[name.strip()] = value.strip()
+    parts = {"backbone": backbone.name, "input": list(backbone.input_size), "batch": recipe.batch_size,
+             "devices": list(training_devices()), "keras": keras.__version__,
+             "backend": keras.backend.backend(), "cpu": cpu, "cores": os.cpu_count()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Recipe = Recipe(),
+                    rates: Path = RATES_FILE) -> tuple[float, str | None]:
+    """(photos per second of training, the date it was measured, or None: measured just now).
+
+    Measuring costs a network built and a training step traced (about 12 s for Lite0 on 2 cores,
+    more than the training of a small run), so a speed measured on this machine is kept in
+    ``rates`` and reused; the estimate it gives is re-measured as folds finish (FoldClock)."""
+    key = rate_key(backbone, recipe)
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(rates.read_text()).get(key)
+        if known:
+            return float(known["photos_per_s"]), known["measured"]
+    rate = training_rate(backbone, weights, photos, recipe)
+    with contextlib.suppress(OSError):  # a read-only home keeps working, measuring each time
+        rates.parent.mkdir(parents=True, exist_ok=True)
+        with extraction_lock(rates):
+            try:
+                table = json.loads(rates.read_text())
+            except (OSError, ValueError):
+                table = {}
+            table[key] = {"photos_per_s": rate, "measured": time.strftime("%Y-%m-%d"),
+                          "backbone": backbone.name, "batch": recipe.batch_size}
+            atomic_write(rates, lambda f: f.write(json.dumps(table, indent=1).encode()))
+    return rate, None
 
 
 def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,

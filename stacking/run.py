@@ -37,7 +37,7 @@ from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
 from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats, is_kept,
-                          recipe_for, training_rate, work_folder)
+                          recipe_for, remembered_rate, work_folder)
 from stacking.ensemble import CONCAT, PRIOR, Ensemble, fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.stackers import STACKERS
@@ -333,23 +333,24 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
 def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
-    Training speed is measured on a few steps here; predicting speed is the frozen backbone's
+    Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
+    predicting speed is the frozen backbone's
     extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
     float32, as fold networks predict (else three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
-    train_rate = training_rate(backbone, weights, data.train, recipe)
+    train_rate, measured = remembered_rate(backbone, weights, data.train, recipe)
     run = frozen.get("last_run") or {}
     same = run.get("seconds") and run.get("precision", "float32") == "float32"
     predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left))
     log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
-             "and predicting at %.0f (measured here): about %.0f min", backbone.name, len(left),
+             "and predicting at %.0f (measured here%s): about %.0f min", backbone.name, len(left),
              recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate, predict_rate,
-             seconds / 60)
+             f" on {measured}" if measured else "", seconds / 60)
     return seconds
 
 

@@ -1,10 +1,32 @@
 """Shared fixtures: real photos and weights from ../shared, small Kaggle-layout folders built from them."""
 
+import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _one_core_per_worker() -> None:
+    """Under pytest-xdist (pytest.ini: a worker per core), each worker keeps to a core of its
+    own: TensorFlow and ONNX Runtime size their thread pools to the cores they may use, and two
+    workers each spinning threads on both cores were slower than one core each (478 s against
+    510 s for the suite on 2 cores). os.cpu_count(), which our defaults read, is unchanged."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_one_core_per_worker()  # before TensorFlow or ONNX Runtime start any thread
+
+# Fine-tuning speeds measured in this test session only (xdist workers and subprocesses inherit
+# it): each suite run measures for real once, and not from a user's earlier runs.
+os.environ.setdefault("GAPSTACK_RATES", os.path.join(tempfile.mkdtemp(prefix="gapstack-rates-"),
+                                                     "training_rates.json"))
 
 import pytest
 
@@ -16,17 +38,21 @@ PHOTOS_200 = SHARED / "dogs-vs-cats-200px"
 WEIGHTS = default_weights_dir()
 
 
-def _tensorflow_uses_a_gpu() -> bool:
-    from features.runtime import has_gpu
-
-    return has_gpu()
-
-
 # For tests of the CPU path's defaults (ONNX Runtime chosen by "auto", one stream per core,
 # float32, no accelerator found): on a machine whose TensorFlow uses a GPU, the defaults are the
-# GPU's by design, so such a test would fail for a reason that is not the one it names.
-cpu_path = pytest.mark.skipif(_tensorflow_uses_a_gpu(), reason="checks the CPU path's defaults; "
-                              "TensorFlow uses a GPU on this machine, so the GPU's defaults apply")
+# GPU's by design, so such a test would fail for a reason that is not the one it names. Asked
+# when such a test starts, not when this file is imported: pytest-xdist's controller, which
+# runs no test, then never starts TensorFlow (8 s of the suite's start on 2 cores).
+cpu_path = pytest.mark.cpu_path
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cpu_path"):
+        from features.runtime import has_gpu
+
+        if has_gpu():
+            pytest.skip("checks the CPU path's defaults; TensorFlow uses a GPU on this machine, "
+                        "so the GPU's defaults apply")
 
 
 def unavailable(reason: str) -> None:
@@ -41,6 +67,45 @@ def unavailable(reason: str) -> None:
 def pytest_configure(config):
     if not (PHOTOS / "train").is_dir() or not WEIGHTS.is_dir():
         raise pytest.UsageError(f"the tests need the shared photos and weights at {SHARED}")
+
+
+# The longest test files, longest first (under pytest-xdist on 2 cores, 2026-12-03: 123, 110, 77,
+# 71, 45, 37, 24, 24, 22 s), started first (pytest.ini keeps this order), so that the short
+# ones fill the end: a worker that starts a long file last finishes long after the other.
+LONGEST_FIRST = ("test_finetune.py", "test_kernel.py", "test_tasks_run.py", "test_export.py",
+                 "test_extract.py", "test_two_devices.py", "test_shards.py", "test_runtime.py",
+                 "test_registry.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: a worker per core, four at most (each holds TensorFlow and a few networks)."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+
+
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``make`` fills, made once for the whole test session: under pytest-xdist every
+    worker that needs a session fixture would make its own (a stacking run, the two-device
+    script: half a minute each), so the first to take the lock makes it and the others read it."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 def make_kaggle_dir(root: Path, n_train_per_class: int, n_test: int, start: int = 0) -> Path:
@@ -110,10 +175,12 @@ def real_features(tmp_path_factory):
     from features.data import load_photos
     from features.extract import extract
 
-    data = make_kaggle_dir(tmp_path_factory.mktemp("feat") / "data", 120, 20)
-    path = extract(load_photos(data), "efficientnet_lite0", cache_dir=data.parent / "cache",
-                   progress=False)
-    return load_features(path)
+    def make(root: Path) -> None:
+        data = make_kaggle_dir(root / "data", 120, 20)
+        extract(load_photos(data), "efficientnet_lite0", cache_dir=root / "cache", progress=False)
+
+    root = made_once(tmp_path_factory, "feat", make)
+    return load_features(next((root / "cache").glob("*/gap_efficientnet_lite0.h5")))
 
 
 # Lite2's ImageNet top is in the shared weights: the runs have its ImageNet prior too.
@@ -128,18 +195,19 @@ def runs(tmp_path_factory):
 
     from stacking import run as run_mod
 
-    root = tmp_path_factory.mktemp("run")
-    data = make_kaggle_dir(root / "data", 30, 12)
-    args = ["--data", str(data), "--backbones", BACKBONES, "--folds", "3", "--cache", str(root / "cache"),
-            "--holdout", "0.2"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "has_gpu", lambda: False)  # the defaults of a CPU run, on any machine
-        assert run_mod.main([*args, "--out", str(root / "a")]) == 0
-        assert run_mod.main([*args, "--out", str(root / "b"), "--clip", "on"]) == 0
-        pd.DataFrame({"id": ["cat.3", "dog.7", "dog.8"], "drop": [1, 1, 0]}).to_csv(root / "outliers.csv",
-                                                                                  index=False)
-        assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
-    return root
+    def make(root: Path) -> None:
+        data = make_kaggle_dir(root / "data", 30, 12)
+        args = ["--data", str(data), "--backbones", BACKBONES, "--folds", "3", "--cache", str(root / "cache"),
+                "--holdout", "0.2"]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(run_mod, "has_gpu", lambda: False)  # the defaults of a CPU run, on any machine
+            assert run_mod.main([*args, "--out", str(root / "a")]) == 0
+            assert run_mod.main([*args, "--out", str(root / "b"), "--clip", "on"]) == 0
+            pd.DataFrame({"id": ["cat.3", "dog.7", "dog.8"], "drop": [1, 1, 0]}).to_csv(root / "outliers.csv",
+                                                                                      index=False)
+            assert run_mod.main([*args, "--out", str(root / "c"), "--exclude", str(root / "outliers.csv")]) == 0
+
+    return made_once(tmp_path_factory, "run", make)
 
 
 @pytest.fixture(scope="session")
@@ -149,14 +217,18 @@ def two_devices(tmp_path_factory) -> dict[str, str]:
     import subprocess
     import sys
 
-    data = make_kaggle_dir(tmp_path_factory.mktemp("two") / "data", 12, 1)
-    repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(repo / "tests" / "two_devices.py"), str(data)],
-                         capture_output=True, text=True, timeout=600, cwd=repo,
-                         env=dict(os.environ, PYTHONPATH=str(repo)))
-    assert out.returncode == 0, out.stderr[-3000:]
+    def make(root: Path) -> None:
+        data = make_kaggle_dir(root / "data", 12, 1)
+        repo = Path(__file__).resolve().parent.parent
+        out = subprocess.run([sys.executable, str(repo / "tests" / "two_devices.py"), str(data)],
+                             capture_output=True, text=True, timeout=600, cwd=repo,
+                             env=dict(os.environ, PYTHONPATH=str(repo)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        (root / "said.txt").write_text(out.stdout)
+
     said = {}
-    for line in out.stdout.splitlines():  # "<part> <what> <value>"
+    for line in (made_once(tmp_path_factory, "two", make) / "said.txt").read_text().splitlines():
+        # "<part> <what> <value>"
         part, what, value = line.split(" ", 2)
         said[part, what] = value
     return said

@@ -1,6 +1,7 @@
 """Fine-tuned backbones as level-1 models: the whole path on a few dozen real photos, one epoch."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     # stops the run there, with no cache made for these new photos.
     fresh = make_kaggle_dir(tmp_path / "fresh", 6, 2, start=80)
     caplog.clear()
-    monkeypatch.setattr(run_mod, "training_rate", lambda *a, **kw: 1e-3)  # measured above; slow here
+    monkeypatch.setattr(run_mod, "remembered_rate", lambda *a, **kw: (1e-3, None))  # slow here
     assert run_mod.main(["--data", str(fresh), "--backbones", "efficientnet_lite0", "--folds", "2",
                          "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "late"),
                          "--submit-with", FT]) == 2
@@ -321,22 +322,6 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
     assert [r for r, _ in seen] == [own, replace(own, epochs=2)]
     kept = {w.name for w in (root / "cache" / "finetune").iterdir()}
     assert not {w.name for _, w in seen} & kept  # ft_run's folds (Lite0's recipe) not reused
-
-
-def test_two_devices_train_one_network_as_one_device_would(two_devices):
-    """Kaggle's T4 x2, on two logical CPU devices: the fold network is built once per device,
-    each takes half of every batch, the copies stay identical, and the trained network predicts
-    what the same training on one device predicts. Trained with plain SGD, so replicas that summed
-    their gradients (twice the step) would differ: the same training at twice the rate does."""
-    said = two_devices
-    assert said["two", "replicas"] == "2" and said["one", "replicas"] == "1"
-    assert eval(said["two", "placed"]) == ["device:CPU:0", "device:CPU:1"]
-    assert float(said["two", "copies_differ"]) == 0.0
-    two, one = np.array(eval(said["two", "p"])), np.array(eval(said["one", "p"]))
-    double = np.array(eval(said["one_double_rate", "p"]))
-    assert np.abs(two - 0.5).max() > 1e-3  # it trained (it started from a zero head: 0.5 everywhere)
-    np.testing.assert_allclose(two, one, atol=1e-5)
-    assert np.abs(double - one).max() > 100 * 1e-5  # a wrong gradient scale would show
 
 
 def test_fold_networks_know_their_photos_contents(ft_run, tmp_path):
@@ -394,6 +379,30 @@ def test_two_processes_fine_tuning_into_one_cache_take_turns(ft_run, tmp_path, m
     finally:
         others[1].unlink(missing_ok=True)
         others[0].rmdir()
+
+
+def test_training_speed_is_measured_once_per_machine(ft_run, tmp_path, monkeypatch):
+    """The speed ft_run measured (Lite0, its recipe's batch) is reused with the day it was
+    measured, building no network; another batch size is another key; a rates file that cannot
+    be read or written costs only a measurement each time."""
+    from dataclasses import replace
+
+    from features.defaults import RATES_FILE
+
+    root, _ = ft_run
+    backbone, recipe = finetune.get_backbone("efficientnet_lite0"), finetune.recipe_for("efficientnet_lite0")
+    photos = [Photo(f.name, int(f.name.startswith("dog")), str(f)) for f in sorted((root / "data" / "train").iterdir())]
+    built = []
+    real_build = finetune.build_network
+    monkeypatch.setattr(finetune, "build_network", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
+    rate, measured = finetune.remembered_rate(backbone, "default", photos, recipe)
+    assert rate > 0 and measured == time.strftime("%Y-%m-%d") and built == []
+    other = replace(recipe, batch_size=2)
+    assert finetune.rate_key(backbone, other) != finetune.rate_key(backbone, recipe)
+    (tmp_path / "rates.json").mkdir()  # neither readable nor writable as a file
+    fresh, when = finetune.remembered_rate(backbone, "default", photos, other, rates=tmp_path / "rates.json")
+    assert fresh > 0 and when is None and len(built) == 1
+    assert finetune.rate_key(backbone, other) not in json.loads(RATES_FILE.read_text())
 
 
 def test_the_time_said_is_revised_as_folds_finish():

@@ -21,7 +21,7 @@ def test_entry_matches_the_model(name):
     weights = None if entry.weights == "imagenet" else "default"  # no imagenet download here
     model = build_gap_model(entry, weights)
     assert tuple(model.input_shape[1:3]) == entry.input_size
-    out = np.asarray(model.predict_on_batch(_photo(entry.input_size)))
+    out = np.asarray(model(_photo(entry.input_size), training=False))  # eager: no graph traced
     assert out.shape == (1, entry.feature_dim)
     assert np.isfinite(out).all()
 

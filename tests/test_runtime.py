@@ -1,5 +1,5 @@
 """Forward passes: the converted-graph cache behind ONNX Runtime (reused, keyed by weights,
-repaired when damaged), one replica per device, and a quiet TensorFlow start."""
+repaired when damaged) and a quiet TensorFlow start."""
 
 import os
 import subprocess
@@ -78,15 +78,6 @@ def test_keras_check_is_remembered_for_the_same_graph(lite0_model, tmp_path, mon
     # ...but a record for other graph bytes (a re-conversion) is ignored and the check runs again.
     record.write_text(json.dumps(dict(saved, graph_md5="0" * 32, max_rel_diff=1.0)))
     assert runtime.make_forward(lite0_model, "auto").name == "onnxruntime" and calls == [4, 4]
-
-
-def test_one_replica_per_device_on_two_logical_devices(two_devices):
-    """Kaggle's T4 x2 path, on two logical CPU devices: each replica's weights live on its own
-    device, both run batches, and the features are those of one plain Keras model."""
-    assert float(two_devices["extract", "diff"]) < 1e-5
-    batches = eval(two_devices["extract", "batches"])
-    assert sum(batches) == 6 and min(batches) >= 1  # 24 photos in batches of 4, on both devices
-    assert sorted(map(tuple, eval(two_devices["extract", "placed"]))) == [("device:CPU:0",), ("device:CPU:1",)]
 
 
 GPU_UNUSABLE = """
