@@ -11,14 +11,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _one_core_per_worker() -> None:
-    """Under pytest-xdist (pytest.ini: a worker per core), each worker keeps to a core of its
-    own: TensorFlow and ONNX Runtime size their thread pools to the cores they may use, and two
-    workers each spinning threads on both cores were slower than one core each (478 s against
-    510 s for the suite on 2 cores). os.cpu_count(), which our defaults read, is unchanged."""
+    """Under pytest-xdist (pytest.ini: a worker per core, four at most), each worker keeps to
+    cores of its own (one each on 2 cores): TensorFlow and ONNX Runtime size their thread pools
+    to the cores they may use, and two workers each spinning threads on both cores were slower
+    than one core each (478 s against 510 s for the suite on 2 cores). os.cpu_count(), which our
+    defaults read, is unchanged."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+        own = cores[int(worker[2:]) % len(cores)::workers] or cores
+        os.sched_setaffinity(0, set(own))
 
 
 _one_core_per_worker()  # before TensorFlow or ONNX Runtime start any thread
