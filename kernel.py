@@ -1929,13 +1929,24 @@ INT8_BY_DEFAULT = True
 INT8_MIN_PHOTOS = 5_000
 
 
-def int8_dot_product() -> bool:
-    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+def cpu_info() -> dict[str, str]:
+    """The CPU's ``model name`` and ``flags`` from /proc/cpuinfo (their first lines; {} where
+    there is no such file): what it can run, and what a speed measured on it holds for."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("model name", "flags"):
+                    info.setdefault(name.strip(), value.strip())
     except OSError:
-        return False
+        pass
+    return info
+
+
+def int8_dot_product() -> bool:
+    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+    flags = cpu_info().get("flags", "").split()
     return any(flag in flags for flag in INT8_DOT_PRODUCT)
 
 
@@ -3516,15 +3527,9 @@ def rate_key(backbone: Backbone, recipe: Recipe) -> str:
     software and the machine (CPU model and flags, cores); not the weights or the photos."""
     import keras
 
-    cpu = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() in ("model name", "flags") and name.strip() not in cpu:
-                cpu[name.strip()] = value.strip()
     parts = {"backbone": backbone.name, "input": list(backbone.input_size), "batch": recipe.batch_size,
              "devices": list(training_devices()), "keras": keras.__version__,
-             "backend": keras.backend.backend(), "cpu": cpu, "cores": os.cpu_count()}
+             "backend": keras.backend.backend(), "cpu": cpu_info(), "cores": os.cpu_count()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -4803,9 +4808,9 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
-    predicting speed is the frozen backbone's
-    extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
-    float32, as fold networks predict (else three times training's)."""
+    predicting speed is the frozen backbone's extraction speed from its cache's attributes
+    (``frozen``; {} before it exists) where that was float32, as fold networks predict (else
+    three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:

@@ -38,7 +38,7 @@ setup(
     extras_require={
         # nbclient + ipykernel: the kernel runs as a notebook cell in a real Jupyter kernel;
         # kaggle: the leaderboard's submit runs the real client against a local stand-in
-        # pytest-xdist: a worker per core, the suite in about half the time on 2 cores
+        # pytest-xdist: a worker per core (pytest.ini, tests/conftest.py)
         "test": ["pytest", "pytest-xdist", "selenium", "requests", "ray[data]", "ai-edge-litert", "coremltools",
                  "onnxconverter-common", "nbclient", "nbformat", "ipykernel", "kaggle>=2.2"],
         # stacking.leaderboard --submit / --fetch: Kaggle's own client, imported only then

@@ -255,13 +255,24 @@ INT8_BY_DEFAULT = True
 INT8_MIN_PHOTOS = 5_000
 
 
-def int8_dot_product() -> bool:
-    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+def cpu_info() -> dict[str, str]:
+    """The CPU's ``model name`` and ``flags`` from /proc/cpuinfo (their first lines; {} where
+    there is no such file): what it can run, and what a speed measured on it holds for."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("model name", "flags"):
+                    info.setdefault(name.strip(), value.strip())
     except OSError:
-        return False
+        pass
+    return info
+
+
+def int8_dot_product() -> bool:
+    """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
+    flags = cpu_info().get("flags", "").split()
     return any(flag in flags for flag in INT8_DOT_PRODUCT)
 
 

@@ -37,7 +37,7 @@ from features.defaults import RATES_FILE, SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
 from features.models import build_feature_map_model, resolve_weights
 from features.registry import Backbone, get_backbone
-from features.runtime import accelerators
+from features.runtime import accelerators, cpu_info
 from oof.crossfit import CrossFit, class_proba, prediction_shape
 from oof.heads import Classifier, KerasHead, LogisticHead, linear_parts, output_layer, validate_data
 
@@ -356,15 +356,9 @@ def rate_key(backbone: Backbone, recipe: Recipe) -> str:
     software and the machine (CPU model and flags, cores); not the weights or the photos."""
     import keras
 
-    cpu = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() in ("model name", "flags") and name.strip() not in cpu:
-                cpu[name.strip()] = value.strip()
     parts = {"backbone": backbone.name, "input": list(backbone.input_size), "batch": recipe.batch_size,
              "devices": list(training_devices()), "keras": keras.__version__,
-             "backend": keras.backend.backend(), "cpu": cpu, "cores": os.cpu_count()}
+             "backend": keras.backend.backend(), "cpu": cpu_info(), "cores": os.cpu_count()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

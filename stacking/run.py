@@ -334,9 +334,9 @@ def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_e
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
-    predicting speed is the frozen backbone's
-    extraction speed from its cache's attributes (``frozen``; {} before it exists) where that was
-    float32, as fold networks predict (else three times training's)."""
+    predicting speed is the frozen backbone's extraction speed from its cache's attributes
+    (``frozen``; {} before it exists) where that was float32, as fold networks predict (else
+    three times training's)."""
     folds = np.unique(data.fold)
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:

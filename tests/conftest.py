@@ -1,6 +1,5 @@
 """Shared fixtures: real photos and weights from ../shared, small Kaggle-layout folders built from them."""
 
-import fcntl
 import os
 import shutil
 import tempfile
@@ -8,6 +7,13 @@ from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _cores() -> list[int]:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def _one_core_per_worker() -> None:
@@ -19,7 +25,7 @@ def _one_core_per_worker() -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
+        cores = _cores()
         own = cores[int(worker[2:]) % len(cores)::workers] or cores
         os.sched_setaffinity(0, set(own))
 
@@ -33,6 +39,7 @@ os.environ.setdefault("GAPSTACK_RATES", os.path.join(tempfile.mkdtemp(prefix="ga
 
 import pytest
 
+from features.cache import extraction_lock
 from features.defaults import default_weights_dir, shared_dir
 
 SHARED = shared_dir()
@@ -88,9 +95,7 @@ def pytest_collection_modifyitems(items):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """-n auto: a worker per core, four at most (each holds TensorFlow and a few networks)."""
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
-
-
+    return min(len(_cores()), 4)
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
@@ -101,8 +106,7 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # shared by the workers of this session
     folder = base / name
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with extraction_lock(folder):  # the project's flock: <folder>.lock beside it
         if not (folder / ".made").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
