@@ -159,7 +159,7 @@ def main() -> int:
     from features.models import resolve_weights, weights_identity
     from features.registry import get_backbone
     from oof.crossfit import cross_fit
-    from oof.finetune import FINETUNED, Recipe, finetune_folds, work_folder
+    from oof.finetune import FINETUNED, Recipe, finetune_folds, network_folds, work_folder
     from oof.heads import KerasHead, LogisticHead
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -204,13 +204,14 @@ def main() -> int:
                            weights_identity(resolve_weights(backbone, "default")), recipe, train, y, fold)
         started = time.time()
         result = finetune_folds(backbone, "default", train, y, fold, warm, [], work, recipe,
-                                callbacks=epoch_scores(work, backbone))
-        seconds = (time.time() - started) / 5
+                                callbacks=None if recipe.frozen_until else epoch_scores(work, backbone))
+        seconds = (time.time() - started) / len(np.unique(network_folds(fold, recipe)))
         per_epoch = np.full((recipe.epochs, len(y)), np.nan)
-        for k in np.unique(fold):
+        nets = network_folds(fold, recipe)
+        for k in np.unique(nets):
             kept = work / f"epochs_fold{k}.npy"
             if kept.is_file():
-                per_epoch[:, fold == k] = np.load(kept)
+                per_epoch[:, nets == k] = np.load(kept)
         for e, p in enumerate(per_epoch[:-1], 1):
             if not np.isnan(p).any():
                 lines.append(row(f"{text}, after epoch {e}", p))

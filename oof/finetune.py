@@ -14,6 +14,11 @@ Training streams photos from disk: a ``keras.utils.PyDataset`` decodes and resiz
 worker threads while the step runs, so memory is flat in the number of photos. Each finished fold
 is kept (network, head, predictions) under a folder named by everything that determines it, so an
 interrupted run resumes at the first unfinished fold.
+
+A top-only recipe (``Recipe.frozen_until``, ``TOP_RECIPES``) trains only the layers after a split:
+the lower part's activations are computed once per photo for all folds (``features.activations``)
+and each fold trains and predicts from them, a few minutes a backbone on a CPU; the network saved
+is still the whole backbone, so the rest of the package cannot tell the difference.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from features.activations import VIEWS, Activations, compute, split_network, store_folder
 from features.cache import atomic_write, extraction_lock
 from features.data import Photo, PhotoReader
 from features.defaults import RATES_FILE, SEED, WORKERS
 from features.extract import Extractor, load_batch, progress_bar
-from features.models import build_feature_map_model, resolve_weights
+from features.models import build_feature_map_model, resolve_weights, weights_identity
 from features.registry import Backbone, get_backbone
 from features.runtime import accelerators, cpu_info
 from oof.crossfit import CrossFit, class_proba, prediction_shape
@@ -65,6 +71,17 @@ class Recipe:
     warmup: str = "keras"  # the starting head: "keras" (Dropout + Dense) or "logistic" (our LogisticHead)
     warmup_epochs: int = 20  # of the "keras" head on cached GAP features
     seed: int = SEED
+    # The last frozen layer: the network up to its output is computed once per photo and mirror
+    # image (features.activations) and only what follows trains; None: the whole network trains.
+    frozen_until: str | None = None
+    # Keras dtype policy training computes in ("mixed_bfloat16": bfloat16 math, float32 weights);
+    # the network saved computes in float32 whatever it trained in.
+    precision: str = "float32"
+    # Fold networks: None, one per fold of the run; G < folds: G networks, network g holding out
+    # the run's folds k with k % G == g (nested in the run's folds, so every out-of-fold
+    # prediction is still made by a network that never saw the photo, and stacking on the run's
+    # folds is as leak-free as with one network per fold): G=2 trains on N photos in all, not 4N.
+    networks: int | None = None
 
 
 # Each backbone's recipe, chosen by 5-fold CV on the 9,619 shared photos with stack-lr as the judge
@@ -81,11 +98,34 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def recipe_for(backbone: Backbone | str, epochs: int | None = None, seed: int = SEED) -> Recipe:
-    """The backbone's recipe (``RECIPES``, else ``Recipe()``), with ``epochs`` and ``seed`` as the
-    user set them (``--finetune-epochs``, ``--seed``)."""
+# Each backbone's top-only recipe (issue #33): the layers after ``frozen_until`` trained on the
+# lower part's activations, computed once per photo (benchmarks/RESULTS.md, "Only the top"):
+# minutes on a CPU where the whole network takes most of an hour, for a smaller gain (both
+# together: stack-lr 0.0223 -> 0.0213 on the 9,619 shared photos; the whole networks of all three
+# 0.0224 -> 0.0189): what --finetune auto trains on a CPU. Listed where the CV found a gain
+# (Lite0's top found none).
+TOP_RECIPES: dict[str, Recipe] = {
+    # the last block and the head conv, 1 epoch at 3e-4: alone 0.0322 (frozen head 0.0308; 1e-4:
+    # 0.0311), stack-lr 0.0215 (1e-4: 0.0224; frozen models alone: 0.0223)
+    "efficientnet_lite1": Recipe(learning_rate=3e-4, frozen_until="block19_add"),
+    # the same, 3e-4: alone 0.0265, stack-lr 0.0218 (1e-4: 0.0219, 1e-3: 0.0220, 2e-5: 0.0225;
+    # the last two stages at 1e-4: 0.0213 at five times the cost)
+    "efficientnet_lite2": Recipe(learning_rate=3e-4, frozen_until="block19_add"),
+}
+KINDS = {"whole": RECIPES, "top": TOP_RECIPES}
+
+
+def recipe_for(backbone: Backbone | str, epochs: int | None = None, seed: int = SEED,
+               kind: str = "whole") -> Recipe | None:
+    """The backbone's recipe of ``kind`` ("whole": ``RECIPES``, else ``Recipe()``; "top":
+    ``TOP_RECIPES``, else None: none chosen), with ``epochs`` and ``seed`` as the user set them
+    (``--finetune-epochs``, ``--seed``)."""
     name = backbone if isinstance(backbone, str) else backbone.name
-    recipe = RECIPES.get(name, Recipe())
+    if kind not in KINDS:
+        raise ValueError(f"fine-tuning recipe must be one of {', '.join(KINDS)}, not {kind!r}")
+    recipe = KINDS[kind].get(name, Recipe() if kind == "whole" else None)
+    if recipe is None:
+        return None
     return replace(recipe, epochs=recipe.epochs if epochs is None else epochs, seed=seed)
 
 
@@ -196,7 +236,7 @@ def build_network(backbone: Backbone, weights, recipe: Recipe, head: tuple | Non
 def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_classes: int = 2):
     import keras
 
-    fmap = build_feature_map_model(backbone, weights)
+    fmap = build_feature_map_model(backbone, weights, recipe.precision)
     if recipe.freeze_batchnorm:
         for layer in _all_layers(fmap):
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -204,7 +244,7 @@ def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_
     x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
     x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
     units, activation, loss = output_layer(n_classes)
-    dense = keras.layers.Dense(units, activation=activation, name="head")
+    dense = keras.layers.Dense(units, activation=activation, name="head", dtype="float32")
     p = dense(x)
     if head is not None:
         dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, units),
@@ -251,10 +291,31 @@ def work_folder(root: Path, backbone: Backbone, weights_id: str, recipe: Recipe,
     """Where this fine-tuning keeps its finished folds: named by everything that determines them
     (backbone, weights, recipe, the photos and their contents' sizes, as the feature cache's
     fingerprint has them, labels, folds), so a resumed run finds exactly its own."""
-    digest = hashlib.md5(json.dumps([backbone.name, weights_id, asdict(recipe), [p.id for p in train],
+    digest = hashlib.md5(json.dumps([backbone.name, weights_id, recipe_id(recipe), [p.id for p in train],
                                      [p.size for p in train], np.asarray(labels).tolist(),
                                      np.asarray(fold).tolist()]).encode())
     return Path(root) / f"{backbone.name}-{digest.hexdigest()[:12]}"
+
+
+# Fields added to Recipe after folds were kept: left out of a work folder's name while they keep
+# their default, so folds trained before they existed are still found.
+LATER_FIELDS = {"frozen_until": None, "precision": "float32", "networks": None}
+
+
+def network_folds(fold: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """Which fold network predicts each row: its fold, or with ``recipe.networks`` = G the
+    network of its fold's group (the i-th fold value goes to network i % G)."""
+    fold = np.asarray(fold)
+    if not recipe.networks:
+        return fold
+    values = np.unique(fold)
+    if not 2 <= recipe.networks <= len(values):
+        raise ValueError(f"Recipe.networks {recipe.networks}: between 2 and the run's {len(values)} folds")
+    return np.searchsorted(values, fold) % recipe.networks
+
+
+def recipe_id(recipe: Recipe) -> dict:
+    return {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 class FoldClock:
@@ -293,7 +354,16 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     resolved = resolve_weights(backbone, weights)
     work.mkdir(parents=True, exist_ok=True)
-    clock = FoldClock(backbone.name, estimate, sum(not is_kept(work / f"fold{k}") for k in np.unique(fold)))
+    fold = network_folds(fold, recipe)
+    left = sum(not is_kept(work / f"fold{k}") for k in np.unique(fold))
+    started = time.perf_counter()
+    cached = (frozen_part(backbone, resolved, recipe, train, extra, work.parent, runtime, progress)
+              if recipe.frozen_until and left else None)
+    if cached is not None:  # the warm-up reads what the network itself computes (float32), not the cache's
+        warm_features = cached.warm
+    if estimate:  # what is left of it is the folds'
+        estimate = max(estimate - (time.perf_counter() - started), 1.0)
+    clock = FoldClock(backbone.name, estimate, left)
     oof = np.full(prediction_shape(len(train), len(np.unique(y))), np.nan)
     networks, features, seconds = [], {}, []
     for k in np.unique(fold):
@@ -310,7 +380,8 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
                 _train_fold(backbone, resolved, [p for p, h in zip(train, held) if not h], y[~held],
                             warm_features[~held], y[~held], recipe, done, workers, progress, k,
                             held_photos + extra, runtime,
-                            callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices)
+                            callbacks=list(callbacks(k, held_photos)) if callbacks else [], devices=devices,
+                            cached=cached and cached.for_fold(~held))
                 seconds.append(round(time.perf_counter() - started, 1))
                 revised = clock.fold_done(k, seconds[-1])
                 if revised:
@@ -323,6 +394,45 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
         X = np.stack([feats[p.id] for p, h in zip(train, held) if h])
         oof[held] = class_proba(net.head, X)
     return FinetuneResult(oof, networks, features, seconds)
+
+
+@dataclass
+class FrozenPart:
+    """The frozen lower part's activations (``Recipe.frozen_until``) of a fine-tuning's training
+    photos (plain and mirrored) and of its extra photos (plain), and which training rows a fold
+    trains on (``rows``) and predicts (the rest, then every extra photo)."""
+
+    train: Activations
+    extra: Activations
+    warm: np.ndarray  # the pretrained network's GAP features of the training photos, from ``train``
+    rows: np.ndarray | None = None
+
+    def for_fold(self, training: np.ndarray) -> "FrozenPart":
+        return replace(self, rows=np.flatnonzero(training))
+
+    def predicted(self) -> list[tuple[Activations, np.ndarray]]:
+        held = np.setdiff1d(np.arange(self.train.n), self.rows)
+        return [(self.train, held), (self.extra, np.arange(self.extra.n))]
+
+
+def frozen_part(backbone: Backbone, resolved, recipe: Recipe, train: list[Photo], extra: list[Photo],
+                root: Path, runtime: str, progress: bool) -> FrozenPart:
+    """Compute (or find kept under ``root``/activations) the lower part's activations of the
+    training photos, per view the recipe trains on, and of the extra photos; computed once for all
+    folds, the whole point: the folds differ only above the split."""
+    import keras
+
+    fmap = build_feature_map_model(backbone, resolved)
+    lower, upper, mirrored = split_network(fmap, backbone, recipe.frozen_until)
+    wid = weights_identity(resolved)
+    views = VIEWS if recipe.flip else VIEWS[:1]
+    folders = [store_folder(Path(root) / "activations", backbone, wid, recipe.frozen_until, photos)
+               for photos in (train, extra)]
+    kept = [compute(photos, folder, backbone, recipe.frozen_until, lower, mirrored, v, runtime, progress)
+            for photos, folder, v in ((train, folders[0], views), (extra, folders[1], VIEWS[:1]))]
+    warm = np.nan_to_num(gap_of(upper, kept[0], np.arange(kept[0].n)))  # an unreadable photo: zeros
+    keras.backend.clear_session()
+    return FrozenPart(*kept, warm)
 
 
 def is_kept(done: Path) -> bool:
@@ -341,7 +451,11 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     batch = [photos[i % len(photos)] for i in range(recipe.batch_size)]
     pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
     labels = np.array([p.label for p in batch], np.float32)
-    model, _ = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    model, fmap = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    if recipe.frozen_until:  # what trains is the top, on activations
+        lower, upper, _ = split_network(fmap, backbone, recipe.frozen_until)
+        pixels = lower.predict_on_batch(pixels)
+        model = top_model(model, upper, recipe, 2)
     times = []
     for _ in range(max(2, steps)):
         started = time.perf_counter()
@@ -357,6 +471,7 @@ def rate_key(backbone: Backbone, recipe: Recipe) -> str:
     import keras
 
     parts = {"backbone": backbone.name, "input": list(backbone.input_size), "batch": recipe.batch_size,
+             "trains_after": recipe.frozen_until,
              "devices": list(training_devices()), "keras": keras.__version__,
              "backend": keras.backend.backend(), "cpu": cpu_info(), "cores": os.cpu_count()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -389,42 +504,58 @@ def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Re
 
 
 def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,
-                     predict_rate: float, folds_left: int | None = None) -> float:
+                     predict_rate: float, folds_left: int | None = None, views: int = 0) -> float:
     """Seconds to fine-tune the folds left: each trains on the other folds' photos for ``epochs``
-    and predicts its own fold and ``n_predict`` more photos (test, held out)."""
-    per_fold = (epochs * n_train * (folds - 1) / folds / train_rate
-                + (n_train / folds + n_predict) / predict_rate)
-    return per_fold * (folds if folds_left is None else folds_left)
+    and predicts its own fold and ``n_predict`` more photos (test, held out). ``views``: with a
+    frozen lower part (``Recipe.frozen_until``), how many times each training photo goes through
+    it (1, 2 with flips), once for all folds, the extra photos once; its pass is costed as a
+    frozen extraction (``predict_rate``, an upper bound) and predicting from it as nothing."""
+    left = folds if folds_left is None else folds_left
+    training = epochs * n_train * (folds - 1) / folds / train_rate * left
+    if views:
+        return training + (views * n_train + n_predict) / predict_rate
+    return training + (n_train / folds + n_predict) / predict_rate * left
 
 
 def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.ndarray,
                 warm_X: np.ndarray, warm_y: np.ndarray, recipe: Recipe, done: Path, workers: int,
                 progress: bool, k: int, predict: list[Photo], runtime: str, callbacks=(),
-                devices: list[str] | None = None) -> None:
-    """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically."""
+                devices: list[str] | None = None, cached: FrozenPart | None = None) -> None:
+    """Train fold ``k``'s network and keep it with its predictions in ``done``, atomically.
+    ``cached``: train only the part above ``recipe.frozen_until`` on its kept activations."""
     import keras
 
     keras.utils.set_random_seed(recipe.seed + int(k))
     devices = training_devices() if devices is None else devices
-    model, fmap = build_network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), devices,
-                                n_classes=len(np.unique(labels)))
-    data = batches(PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip,
-                                recipe.seed + int(k)), workers)
-    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)%s", backbone.name, k, len(photos), recipe.epochs,
+    n_classes = len(np.unique(labels))
+    with _replicated(devices):
+        model, fmap = _network(backbone, resolved, recipe, warm_head(recipe, warm_X, warm_y, k), n_classes)
+        if cached is not None:
+            upper = split_network(fmap, backbone, recipe.frozen_until)[1]
+            model = top_model(model, upper, recipe, n_classes)
+            source = ActivationBatches(cached.train, cached.rows, labels, recipe.batch_size, recipe.flip,
+                                       recipe.seed + int(k))
+        else:
+            source = PhotoBatches(photos, labels, backbone, recipe.batch_size, recipe.flip, recipe.seed + int(k))
+    log.info("%s fine-tuning: fold %d, %d photos, %d epoch(s)%s%s", backbone.name, k, len(photos), recipe.epochs,
+             f", layers after {recipe.frozen_until} only" if cached is not None else "",
              f", each batch split across {len(devices)} devices" if len(devices) > 1 else "")
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
-    history = model.fit(data, epochs=recipe.epochs, verbose=0, callbacks=[_Progress(bar, photos, recipe), *callbacks])
+    history = model.fit(batches(source, workers), epochs=recipe.epochs, verbose=0,
+                        callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
     tmp = done.with_name(f"{done.name}.tmp{os.getpid()}")  # this process's own
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fmap.save(tmp / "network.keras")
+    float32_copy(fmap, backbone, resolved, recipe).save(tmp / "network.keras")
     kernel, bias = model.get_layer("head").get_weights()
-    # Predict through the saved file, exactly as stacking.predict will.
-    entry = _entry(backbone, tmp / "network.keras", k)
-    gap, reasons = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
+    if cached is not None:  # the top on the kept activations: no pass over the photos
+        gap = np.concatenate([gap_of(upper, acts, rows) for acts, rows in cached.predicted()])
+    else:  # through the saved file, exactly as stacking.predict will
+        entry = _entry(backbone, tmp / "network.keras", k)
+        gap, _ = Extractor(entry, str(tmp / "network.keras"), runtime).features(predict)
     _save_features(tmp, [(p.id, p.size) for p in predict], gap)
     (tmp / "fold.json").write_text(json.dumps({
         "fold": int(k), "photos": len(photos), "recipe": asdict(recipe), "head": {
@@ -436,6 +567,58 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
     keras.backend.clear_session()
+
+
+def float32_copy(fmap, backbone: Backbone, resolved, recipe: Recipe):
+    """``fmap`` itself when it computes in float32, else a float32 network with its weights
+    (what is saved predicts in float32, through ONNX Runtime where the rest does)."""
+    if recipe.precision == "float32":
+        return fmap
+    plain = build_feature_map_model(backbone, resolved)
+    plain.set_weights(fmap.get_weights())
+    return plain
+
+
+def top_model(model, upper, recipe: Recipe, n_classes: int):
+    """The training model over activations: ``upper`` then ``model``'s own pooling, dropout and
+    head (the same layers: training it trains the whole network's top), compiled as ``model``."""
+    import keras
+
+    x = keras.Input(upper.input_shape[1:], name="activations")
+    p = model.get_layer("head")(model.get_layer("head_dropout")(model.get_layer("gap")(upper(x))))
+    top = keras.Model(x, p, name=f"{model.name}_top")
+    top.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=output_layer(n_classes)[2])
+    return top
+
+
+def gap_of(upper, acts: Activations, rows: np.ndarray, batch: int = 256) -> np.ndarray:
+    """GAP features of ``rows`` of ``acts`` through ``upper`` (NaN rows stay NaN: unreadable)."""
+    import keras
+
+    pool = keras.layers.GlobalAveragePooling2D()
+    out = [np.asarray(pool(upper.predict_on_batch(acts.rows(rows[i:i + batch]))), np.float32)
+           for i in range(0, len(rows), batch)]
+    return np.concatenate(out) if out else np.zeros((0, upper.output_shape[-1]), np.float32)
+
+
+class ActivationBatches(PhotoBatches):
+    """Training batches of kept activations (``FrozenPart``): rows ``rows`` of ``acts``, each
+    from its mirror image where the epoch's seeded flip says so, unreadable photos weighted 0."""
+
+    def __init__(self, acts: Activations, rows: np.ndarray, labels: np.ndarray, batch_size: int, flip: bool,
+                 seed: int):
+        self.acts, self.rows, self.labels = acts, np.asarray(rows), np.asarray(labels, np.float32)
+        self.photos = self.rows  # for len() and the order
+        self.batch_size, self.flip, self.seed, self.epoch = batch_size, flip, seed, 0
+        self.order = self._order()
+
+    def __getitem__(self, i: int):
+        idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        mirror = (np.random.default_rng([self.seed, self.epoch, i]).random(len(idx)) < 0.5 if self.flip
+                  else None)
+        x = self.acts.rows(self.rows[idx], mirror)
+        weights = self.acts.ok[self.rows[idx]].astype(np.float32)
+        return np.nan_to_num(x), self.labels[idx], weights
 
 
 def warm_head(recipe: Recipe, X: np.ndarray, y: np.ndarray, k=0) -> tuple[np.ndarray, float | np.ndarray]:

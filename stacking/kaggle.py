@@ -28,8 +28,9 @@ BACKBONES = "resnet50,inception_v3,xception,inception_resnet_v2"  # the public w
 WEIGHTS_DIR = None  # None: an attached dataset under INPUT holding the weight files, else download
 FOLDS = 5
 GPU_BATCH_SIZE = 128  # photos per forward pass on a GPU
-FINETUNE = "auto"  # auto: fine-tune every backbone on a GPU (none on a CPU); "none"; or names
-FINETUNE_EPOCHS = None  # whole-network epochs per fold when fine-tuning (None: each backbone's recipe)
+FINETUNE = "auto"  # auto: fine-tune every backbone on a GPU (on a CPU the tops of some); "none"; or names
+FINETUNE_EPOCHS = None  # epochs per fold when fine-tuning (None: each backbone's recipe)
+FINETUNE_RECIPE = "auto"  # auto: the whole network on a GPU, only its top on a CPU; "whole"; "top"
 FINETUNE_BUDGET = None  # minutes fine-tuning may take (None: stacking.run's); auto keeps within it
 # --- end settings ---
 
@@ -109,6 +110,7 @@ def kaggle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", default=FINETUNE)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     parser.add_argument("--finetune-budget", type=float, default=FINETUNE_BUDGET)
+    parser.add_argument("--finetune-recipe", default=FINETUNE_RECIPE)
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     root = Path(args.input) if args.input else KAGGLE_INPUT
@@ -131,7 +133,7 @@ def kaggle_main(argv: list[str] | None = None) -> int:
                     "settings choose Accelerator: GPU T4 x2 (or P100).")
     run_args = ["--data", *data, "--backbones", ",".join(backbones), "--folds", str(args.folds)]
     run_args += ["--weights", str(weights)] if weights else []
-    run_args += ["--finetune", args.finetune or "none"]
+    run_args += ["--finetune", args.finetune or "none", "--finetune-recipe", args.finetune_recipe]
     run_args += ["--finetune-budget", str(args.finetune_budget)] if args.finetune_budget is not None else []
     run_args += ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs is not None else []
     run_args += ["--out", out] if out else []

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from oof.folds import align_folds, load_folds, make_folds, save_folds
 from oof.heads import HEADS
 from oof.store import prediction_path, save_oof, save_test
 from oof.finetune import (FINETUNED, Recipe, estimate_seconds, finetune_folds, fold_stats, is_kept,
-                          recipe_for, remembered_rate, work_folder)
+                          network_folds, recipe_for, remembered_rate, work_folder)
 from stacking.ensemble import CONCAT, PRIOR, Ensemble, fit_ensemble
 from stacking.report import choose_model, write_report
 from stacking.stackers import STACKERS
@@ -222,7 +222,7 @@ def finetune_all(setup: Setup, names: dict[str, float], loaded: dict, data: Trai
     extra = data.held + photos.test
     for name, estimate in names.items():
         backbone = get_backbone(name)
-        recipe = recipe_for(backbone, a.finetune_epochs, a.seed)
+        recipe = recipe_of(setup.plan, backbone, a)
         if backbone.name not in loaded:
             loaded[backbone.name] = load_features(extract(photos, name, weights, cache, a.batch_size,
                                                           precision=a.precision))
@@ -260,7 +260,7 @@ def plan_finetune(setup: Setup) -> dict[str, float]:
     kept, spent = {}, 0.0
     for name in plan.finetune:
         backbone = get_backbone(name)
-        recipe = recipe_for(backbone, args.finetune_epochs, args.seed)
+        recipe = recipe_of(plan, backbone, args)
         resolved = resolve_weights(backbone, args.weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe, train, y, data.fold)
         frozen = cache_path(cache, backbone.name, photos)
@@ -330,26 +330,38 @@ def of_kind(level1: list[str], kind: str) -> list[str]:
     return [n for n in level1 if n.endswith("/" + kind)]
 
 
+# int8 extraction against float32 on CPUs with int8 instructions: 2.2-2.6x measured
+# (benchmarks/RESULTS.md, "int8 features"); the fold networks and the frozen part run in float32.
+INT8_SPEEDUP = 2.4
+
+
 def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
     Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
-    predicting speed is the frozen backbone's extraction speed from its cache's attributes
-    (``frozen``; {} before it exists) where that was float32, as fold networks predict (else
-    three times training's)."""
-    folds = np.unique(data.fold)
+    predicting speed (and a top-only recipe's pass through the frozen part) is the frozen
+    backbone's extraction speed from its cache's attributes (``frozen``; {} before it exists),
+    in float32 as fold networks predict (an int8 cache's divided by ``INT8_SPEEDUP``); before
+    any extraction, guessed from the training speed."""
+    folds = np.unique(network_folds(data.fold, recipe))
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
     train_rate, measured = remembered_rate(backbone, weights, data.train, recipe)
+    views = (1 + recipe.flip) if recipe.frozen_until else 0
     run = frozen.get("last_run") or {}
-    same = run.get("seconds") and run.get("precision", "float32") == "float32"
-    predict_rate = run["photos"] / run["seconds"] if same else 3 * train_rate
+    if run.get("seconds"):  # fold networks and the frozen part run in float32
+        predict_rate = run["photos"] / run["seconds"] / (INT8_SPEEDUP if run.get("precision") == "int8" else 1)
+    else:  # a forward pass against a training step: 3x for the whole network; the frozen part's
+        # pass against training the top, measured 0.25-0.5 (Lite2, Lite0): the lower bound
+        predict_rate = train_rate / 4 if views else 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
-                               predict_rate, len(left))
-    log.info("%s fine-tuning: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
-             "and predicting at %.0f (measured here%s): about %.0f min", backbone.name, len(left),
-             recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate, predict_rate,
+                               predict_rate, len(left), views)
+    log.info("%s fine-tuning%s: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "
+             "and %s at %.0f (measured here%s): about %.0f min", backbone.name,
+             f" of the layers after {recipe.frozen_until}" if views else "", len(left),
+             recipe.epochs, len(data.ids) * (len(folds) - 1) // len(folds), train_rate,
+             "computing the frozen part once" if views else "predicting", predict_rate,
              f" on {measured}" if measured else "", seconds / 60)
     return seconds
 
@@ -363,25 +375,49 @@ class Plan:
     heads: list[str]
     finetune: list[str]
     finetune_auto: bool = False  # chosen by --finetune auto: kept within the budget
+    recipe_kind: str = "whole"  # "whole" network or "top" only (--finetune-recipe)
 
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bool) -> list[str]:
+def recipe_kind(requested: str, gpu: bool) -> str:
+    """--finetune-recipe: "auto" (the default) is the whole network on a GPU and the top only on
+    a CPU (benchmarks/RESULTS.md: the whole network's larger gain costs hours there)."""
+    if requested == "auto":
+        return "whole" if gpu else "top"
+    recipe_for("efficientnet_lite0", kind=requested)  # an unknown kind is refused here
+    return requested
+
+
+def recipe_of(plan: "Plan", backbone: Backbone, args: argparse.Namespace) -> Recipe:
+    """The backbone's recipe of the run's kind; the whole network where it has no top recipe
+    (a backbone named with --finetune)."""
+    recipe = (recipe_for(backbone, args.finetune_epochs, args.seed, plan.recipe_kind)
+              or recipe_for(backbone, args.finetune_epochs, args.seed))
+    return replace(recipe, networks=args.finetune_networks) if args.finetune_networks else recipe
+
+
+def finetune_choice(requested: str, backbones: list[str], gpu: bool, exclude: bool, kind: str = "whole") -> list[str]:
     """The backbones to fine-tune. "auto" (the default): every backbone of the run where Keras has
-    a GPU (minutes a backbone there), none on a CPU (hours: it stays opt-in, by name) or with
-    --exclude; "none" or "": none; else the names given."""
-    if requested.strip() == "auto":
-        if not gpu:
-            log.info("fine-tuning: off without a GPU (hours on a CPU); --finetune %s turns it on and "
-                     "says first how long it will take", backbones[0] if backbones else "BACKBONE")
-        elif exclude:
-            log.info("fine-tuning: off with --exclude (the fold networks would have to be trained "
-                     "twice, with and without the excluded photos)")
-        return list(backbones) if gpu and not exclude else []
-    return [] if requested.strip() == "none" else _names(requested)
+    a GPU (minutes a backbone there); on a CPU, with ``kind`` "top" (the default there), those
+    with a top-only recipe (minutes; the whole network takes hours there: opt-in, by name);
+    none with --exclude; "none" or "": none; else the names given."""
+    if requested.strip() != "auto":
+        return [] if requested.strip() == "none" else _names(requested)
+    if exclude:
+        log.info("fine-tuning: off with --exclude (the fold networks would have to be trained "
+                 "twice, with and without the excluded photos)")
+        return []
+    if gpu:
+        return list(backbones)
+    chosen = [b for b in backbones if kind == "top" and recipe_for(b, kind="top")]
+    rest = [b for b in backbones if b not in chosen]
+    log.info("fine-tuning on a CPU: %s%s", f"the top of {', '.join(chosen)} (minutes)" if chosen else "none",
+             f"; not the whole of {', '.join(rest)} (hours here; --finetune {rest[0]} turns it on and says "
+             "first how long it will take)" if rest else "")
+    return chosen
 
 
 def planned_models(backbones: list[Backbone], heads: list[str], weights, imagenet: bool,
@@ -413,8 +449,12 @@ def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
         if h not in HEADS:
             raise KeyError(f"Unknown head '{h}'; available: {', '.join(HEADS)}")
     auto = args.finetune.strip() == "auto"
-    finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude))
+    kind = recipe_kind(args.finetune_recipe, has_gpu())
+    finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude), kind)
     tuned = [get_backbone(b) for b in finetune]
+    if finetune and args.finetune_networks is not None and not (
+            2 <= args.finetune_networks <= (args.folds if not args.folds_file else args.finetune_networks)):
+        raise ValueError(f"--finetune-networks {args.finetune_networks}: between 2 and --folds ({args.folds})")
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
     if finetune and args.exclude and not auto:
@@ -437,7 +477,7 @@ def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    return Plan(backbones, heads, finetune, auto)
+    return Plan(backbones, heads, finetune, auto, kind)
 
 
 def check_submit_with(args: argparse.Namespace, entries: list[Backbone], heads: list[str],
@@ -635,14 +675,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune", default="auto",
                         help="comma-separated backbones to fine-tune, one network per fold, as "
                              "level-1 models <backbone>/finetuned; auto (default): every backbone "
-                             "where Keras has a GPU, within --finetune-budget, none on a CPU (hours "
-                             "there); none: off")
+                             "where Keras has a GPU, on a CPU those with a top-only recipe "
+                             "(--finetune-recipe), within --finetune-budget; none: off")
     parser.add_argument("--finetune-budget", type=float, default=FINETUNE_MINUTES, metavar="MINUTES",
                         help="minutes fine-tuning may take in all; with --finetune auto a backbone "
                              "that would pass it is left out (default: %(default)s)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help="epochs of whole-network training per fold, for every fine-tuned backbone "
+                        help="epochs of training per fold, for every fine-tuned backbone "
                              "(default: each backbone's recipe, oof.finetune.RECIPES)")
+    parser.add_argument("--finetune-networks", type=int, default=None, metavar="G",
+                        help="fold networks per fine-tuned backbone: G < --folds trains G networks, "
+                             "each holding out every G-th fold (G=2: the photos once in all, not "
+                             "folds-1 times; default: one per fold)")
+    parser.add_argument("--finetune-recipe", choices=["auto", "whole", "top"], default="auto",
+                        help="whole: train the whole network (oof.finetune.RECIPES, the larger gain); "
+                             "top: only the layers after a split, on the lower part's activations "
+                             "computed once (TOP_RECIPES, minutes on a CPU); auto (default): whole "
+                             "on a GPU, top on a CPU")
     parser.add_argument("--no-imagenet", action="store_true",
                         help="leave out the ImageNet priors (<backbone>/imagenet: each backbone's "
                              "own ImageNet classifier, on by default where its top weights are at hand)")

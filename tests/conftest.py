@@ -83,7 +83,7 @@ def pytest_configure(config):
 # 71, 45, 37, 24, 24, 22 s), started first (pytest.ini keeps this order), so that the short
 # ones fill the end: a worker that starts a long file last finishes long after the other.
 LONGEST_FIRST = ("test_finetune.py", "test_kernel.py", "test_tasks_run.py", "test_export.py",
-                 "test_extract.py", "test_two_devices.py", "test_shards.py", "test_runtime.py",
+                 "test_extract.py", "test_activations.py", "test_two_devices.py", "test_shards.py", "test_runtime.py",
                  "test_registry.py")
 
 
@@ -196,8 +196,9 @@ BACKBONES = "efficientnet_lite0,efficientnet_lite2"
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """Three stacking.run runs on 30 cats, 30 dogs (ids 0-29), 12 test photos: a (default),
-    b (--clip on), c (--exclude); each has its model/ folder."""
+    """Three stacking.run runs on 30 cats, 30 dogs (ids 0-29), 12 test photos: a (the defaults
+    of a CPU run but fine-tuning, which test_finetune covers), b (--clip on), c (--exclude); each
+    has its model/ folder."""
     import pandas as pd
 
     from stacking import run as run_mod
@@ -205,7 +206,7 @@ def runs(tmp_path_factory):
     def make(root: Path) -> None:
         data = make_kaggle_dir(root / "data", 30, 12)
         args = ["--data", str(data), "--backbones", BACKBONES, "--folds", "3", "--cache", str(root / "cache"),
-                "--holdout", "0.2"]
+                "--holdout", "0.2", "--finetune", "none"]
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(run_mod, "has_gpu", lambda: False)  # the defaults of a CPU run, on any machine
             assert run_mod.main([*args, "--out", str(root / "a")]) == 0

@@ -155,15 +155,42 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path, monkeypatch):
         log_loss(saved["label"], saved["pred"]), abs=1e-9)
     assert "What fine-tuning adds" in (root / "out" / "report.md").read_text()
     args = args_for(root, "plain")
-    args = args[:args.index("--finetune")]
+    args = args[:args.index("--finetune")] + ["--finetune", "none"]
     args[args.index("--out") + 1] = str(tmp_path / "plain")
-    monkeypatch.setattr(run_mod, "has_gpu", lambda: False)  # a CPU, whatever this machine is
-    assert run_mod.main(args) == 0  # --finetune auto, the default: off on a CPU
+    assert run_mod.main(args) == 0
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert FT not in plain["cv"] and plain["finetune_effect"] is None
     for name in effect["stackers"]:
         assert plain["cv"][name]["log_loss"] == pytest.approx(
             effect["stackers"][name]["without"]["log_loss"], abs=1e-9), name
+
+
+def test_a_cpu_run_fine_tunes_the_tops_by_default(ft_run, tmp_path, monkeypatch, caplog):
+    """On a CPU the default run trains the tops of the backbones that have a top-only recipe
+    (Lite2 here, not Lite0), says so in one line, reports the recipe, and its saved fold networks
+    (whole backbones) give the test predictions the run wrote."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
+    monkeypatch.setattr(run_mod, "has_gpu", lambda: False)  # a CPU, whatever this machine is
+    root, _ = ft_run
+    args = args_for(root, "cpu")
+    args = args[:args.index("--finetune")] + ["--out", str(tmp_path / "cpu")]
+    assert run_mod.main(args) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fine-tuning on a CPU: the top of efficientnet_lite2 (minutes); not the whole "
+                            "of efficientnet_lite0") for m in said), said
+    assert any("efficientnet_lite2 fine-tuning of the layers after block19_add: 2 fold(s)" in m for m in said)
+    report = json.loads((tmp_path / "cpu" / "report.json").read_text())
+    top = "efficientnet_lite2/finetuned"
+    assert top in report["cv"] and FT not in report["cv"] and report["finetune_effect"]["models"] == [top]
+    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block19_add"
+    predictor = Predictor(tmp_path / "cpu" / "model")
+    photos = [Photo(str(i), -1, str(root / "data" / "test" / f"{i}.jpg")) for i in range(1, 7)]
+    every, _ = predictor.predict_all(photos)
+    saved = pd.read_csv(tmp_path / "cpu" / "test" / "efficientnet_lite2__finetuned.csv")
+    # the run predicted from the kept float16 activations, stacking.predict through the files
+    np.testing.assert_allclose(every[top], saved["pred"].to_numpy(), atol=2e-3)
 
 
 def test_kept_fold_predicts_photos_it_has_not_seen(ft_run, tmp_path):
@@ -232,17 +259,22 @@ def test_training_trains(ft_run):
 def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatch, caplog):
     """--finetune auto (the default): on a GPU (the decision forced here, on a CPU) every backbone
     of the run is fine-tuned, its time said first from throughput measured here, and one that
-    would pass --finetune-budget is left out with the reason. (On a CPU none is: the run without
-    --finetune in test_report_says_what_fine_tuning_adds.)"""
+    would pass --finetune-budget is left out with the reason. (On a CPU only the tops of some:
+    test_a_cpu_run_fine_tunes_the_tops_by_default.)"""
     import logging
 
     from stacking.run import finetune_choice
 
     assert finetune_choice("auto", ["a", "b"], gpu=True, exclude=False) == ["a", "b"]
-    assert finetune_choice("auto", ["a", "b"], gpu=False, exclude=False) == []
+    assert finetune_choice("auto", ["a", "b"], gpu=False, exclude=False) == []  # whole networks: not on a CPU
     assert finetune_choice("auto", ["a", "b"], gpu=True, exclude=True) == []
     assert finetune_choice("none", ["a"], gpu=True, exclude=False) == []
     assert finetune_choice("b,c", ["a"], gpu=False, exclude=False) == ["b", "c"]
+    # --finetune-recipe top: on a CPU, the backbones that have a top-only recipe.
+    lites = ["efficientnet_lite0", "efficientnet_lite2"]
+    assert finetune_choice("auto", lites, gpu=False, exclude=False, kind="top") == [
+        b for b in lites if b in finetune.TOP_RECIPES] != []
+    assert finetune_choice("auto", lites, gpu=True, exclude=False, kind="top") == lites
     monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
     root, _ = ft_run
     base = ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
@@ -300,6 +332,13 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
     assert {name: (r.epochs, r.learning_rate) for name, r in finetune.RECIPES.items()} == {
         "efficientnet_lite0": (1, 1e-4), "efficientnet_lite1": (1, 2e-5), "efficientnet_lite2": (1, 2e-5)}
     assert (finetune.Recipe().epochs, finetune.Recipe().learning_rate) == (1, 2e-5)
+    assert {name: (r.epochs, r.learning_rate, r.frozen_until) for name, r in finetune.TOP_RECIPES.items()} == {
+        "efficientnet_lite1": (1, 3e-4, "block19_add"), "efficientnet_lite2": (1, 3e-4, "block19_add")}
+    assert finetune.recipe_for("efficientnet_lite0", kind="top") is None  # no gain found: none
+    assert finetune.recipe_for("efficientnet_lite2", epochs=2, kind="top") == replace(
+        finetune.TOP_RECIPES["efficientnet_lite2"], epochs=2)
+    with pytest.raises(ValueError, match="one of whole, top"):
+        finetune.recipe_for("efficientnet_lite2", kind="half")
     assert all(replace(r, learning_rate=2e-5) == finetune.Recipe() for r in finetune.RECIPES.values())
     own = finetune.Recipe(learning_rate=3e-5, epochs=3)
     monkeypatch.setitem(finetune.RECIPES, "efficientnet_lite0", own)

@@ -117,7 +117,8 @@ def test_score_matches_the_report(runs, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--submit-with", "nope"], "Unknown model 'nope' for --submit-with; this run will have: "
                                 "efficientnet_lite0/logistic, efficientnet_lite2/logistic, "
-                                "efficientnet_lite2/imagenet, concat-fusion, average, stack-lr, stack-lgbm"),
+                                "efficientnet_lite2/imagenet, efficientnet_lite2/finetuned, concat-fusion, "
+                                "average, stack-lr, stack-lgbm"),  # Lite2's top: fine-tuned by default
     (["--submit-with", "efficientnet_lite0/imagenet"], "Unknown model 'efficientnet_lite0/imagenet'"),
     (["--backbones", "resnet5"], "Unknown backbone 'resnet5'"),
     (["--backbones", ""], "--backbones names no backbone; e.g. --backbones efficientnet_lite0,"),

@@ -24,7 +24,7 @@ MODULES = [
     "features/defaults.py", "features/registry.py", "features/efficientnet_lite.py", "features/model_files.py",
     "features/models.py", "features/imagenet.py", "features/images.py",
     "features/task.py", "features/photos.py", "features/layouts.py", "features/data.py", "features/cache.py", "features/shards.py", "features/runtime.py", "features/quantize.py",
-    "features/extract.py",
+    "features/extract.py", "features/activations.py",
     "oof/folds.py", "oof/heads.py", "oof/prior.py", "oof/crossfit.py", "oof/finetune.py", "oof/store.py",
     "stacking/submission.py", "stacking/stackers.py", "stacking/ensemble.py", "stacking/report.py",
     "stacking/run.py", "stacking/kaggle.py",
