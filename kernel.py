@@ -3649,8 +3649,10 @@ def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.
               if recipe.frozen_until and left else None)
     if cached is not None:  # the warm-up reads what the network itself computes (float32), not the cache's
         warm_features = cached.warm
-    if estimate:  # what is left of it is the folds'
-        estimate = max(estimate - (time.perf_counter() - started), 1.0)
+    if estimate:  # what is left of it is the folds'; none where the frozen pass took more than it
+        # said in all (its speed is guessed from the extraction's): no fold time to revise against
+        left_of_it = estimate - (time.perf_counter() - started)
+        estimate = left_of_it if left_of_it > 0.1 * estimate else None
     clock = FoldClock(backbone.name, estimate, left)
     oof = np.full(prediction_shape(len(train), len(np.unique(y))), np.nan)
     networks, features, seconds = [], {}, []
