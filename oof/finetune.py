@@ -167,14 +167,18 @@ class PhotoBatches:
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.photos))
 
+    def _mirrored(self, i: int, n: int) -> np.ndarray | None:
+        """Which of batch ``i``'s ``n`` photos this epoch flips (seeded; None without flips)."""
+        return np.random.default_rng([self.seed, self.epoch, i]).random(n) < 0.5 if self.flip else None
+
     def __len__(self) -> int:
         return math.ceil(len(self.photos) / self.batch_size)
 
     def __getitem__(self, i: int):
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         pixels, reasons = load_batch(self.reader, [self.photos[j] for j in idx], self.backbone, False)
-        if self.flip:
-            mirror = np.random.default_rng([self.seed, self.epoch, i]).random(len(idx)) < 0.5
+        mirror = self._mirrored(i, len(idx))
+        if mirror is not None:
             pixels[mirror] = pixels[mirror, :, ::-1]
         weights = np.array([0.0 if r else 1.0 for r in reasons], np.float32)
         return pixels, self.labels[idx], weights
@@ -243,15 +247,21 @@ def _network(backbone: Backbone, weights, recipe: Recipe, head: tuple | None, n_
                 layer.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap.output)
     x = keras.layers.Dropout(recipe.dropout, seed=recipe.seed, name="head_dropout")(x)
-    units, activation, loss = output_layer(n_classes)
+    units, activation, _ = output_layer(n_classes)
     dense = keras.layers.Dense(units, activation=activation, name="head", dtype="float32")
     p = dense(x)
     if head is not None:
         dense.set_weights([np.asarray(head[0], np.float32).reshape(-1, units),
                            np.asarray(head[1], np.float32).reshape(-1)])
-    model = keras.Model(fmap.input, p, name=f"{backbone.name}_finetune")
-    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss)
-    return model, fmap
+    return _compiled(keras.Model(fmap.input, p, name=f"{backbone.name}_finetune"), recipe, n_classes), fmap
+
+
+def _compiled(model, recipe: Recipe, n_classes: int):
+    """``model`` compiled as the recipe trains: Adam at its rate, the task's loss."""
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=output_layer(n_classes)[2])
+    return model
 
 
 def _all_layers(model):
@@ -588,17 +598,12 @@ def top_model(model, upper, recipe: Recipe, n_classes: int):
 
     x = keras.Input(upper.input_shape[1:], name="activations")
     p = model.get_layer("head")(model.get_layer("head_dropout")(model.get_layer("gap")(upper(x))))
-    top = keras.Model(x, p, name=f"{model.name}_top")
-    top.compile(optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=output_layer(n_classes)[2])
-    return top
+    return _compiled(keras.Model(x, p, name=f"{model.name}_top"), recipe, n_classes)
 
 
 def gap_of(upper, acts: Activations, rows: np.ndarray, batch: int = 256) -> np.ndarray:
     """GAP features of ``rows`` of ``acts`` through ``upper`` (NaN rows stay NaN: unreadable)."""
-    import keras
-
-    pool = keras.layers.GlobalAveragePooling2D()
-    out = [np.asarray(pool(upper.predict_on_batch(acts.rows(rows[i:i + batch]))), np.float32)
+    out = [np.asarray(upper.predict_on_batch(acts.rows(rows[i:i + batch])), np.float32).mean(axis=(1, 2))
            for i in range(0, len(rows), batch)]
     return np.concatenate(out) if out else np.zeros((0, upper.output_shape[-1]), np.float32)
 
@@ -616,9 +621,7 @@ class ActivationBatches(PhotoBatches):
 
     def __getitem__(self, i: int):
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-        mirror = (np.random.default_rng([self.seed, self.epoch, i]).random(len(idx)) < 0.5 if self.flip
-                  else None)
-        x = self.acts.rows(self.rows[idx], mirror)
+        x = self.acts.rows(self.rows[idx], self._mirrored(i, len(idx)))
         weights = self.acts.ok[self.rows[idx]].astype(np.float32)
         return np.nan_to_num(x), self.labels[idx], weights
 

@@ -452,8 +452,8 @@ def check_args(args: argparse.Namespace, task: Task = DOGS_VS_CATS) -> Plan:
     kind = recipe_kind(args.finetune_recipe, has_gpu())
     finetune = finetune_choice(args.finetune, backbones, has_gpu(), bool(args.exclude), kind)
     tuned = [get_backbone(b) for b in finetune]
-    if finetune and args.finetune_networks is not None and not (
-            2 <= args.finetune_networks <= (args.folds if not args.folds_file else args.finetune_networks)):
+    most = args.finetune_networks if args.folds_file else args.folds  # a folds file's count: checked once read
+    if finetune and args.finetune_networks is not None and not 2 <= args.finetune_networks <= most:
         raise ValueError(f"--finetune-networks {args.finetune_networks}: between 2 and --folds ({args.folds})")
     if finetune and args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise ValueError(f"--finetune-epochs {args.finetune_epochs}: fine-tuning needs at least one epoch")
