@@ -350,13 +350,14 @@ class FoldClock:
 
 
 def finetune_folds(backbone: Backbone | str, weights, train: list[Photo], y: np.ndarray,
-                   fold: np.ndarray, warm_features: np.ndarray, extra: list[Photo], work: Path,
+                   fold: np.ndarray, warm_features: np.ndarray | None, extra: list[Photo], work: Path,
                    recipe: Recipe = Recipe(), workers: int = WORKERS, progress: bool = True,
                    runtime: str = "auto", callbacks=None, devices: list[str] | None = None,
                    estimate: float | None = None) -> FinetuneResult:
     """Train one network per fold (resuming at the first fold not yet kept in ``work``), predict
     its held-out fold and ``extra`` (test and held-out photos); ``warm_features``: the frozen
-    backbone's GAP features of ``train`` (the warm-up of each fold's head). ``callbacks``:
+    backbone's GAP features of ``train`` (the warm-up of each fold's head; None with a top-only
+    recipe, which computes them from its kept activations). ``callbacks``:
     (fold, its held-out photos) -> more Keras callbacks for that fold's training (the recipe
     benchmark scores the held-out fold after every epoch with them). ``devices``: each fold
     network trains on these together (default: every GPU when there are several). ``estimate``:

@@ -215,18 +215,14 @@ class FineTuned:
 def finetune_all(setup: Setup, names: dict[str, float], loaded: dict, data: TrainingRows) -> FineTuned:
     """Each backbone of ``names`` ({backbone: seconds said for it}, as ``plan_finetune`` kept
     them) trained once per fold with its own recipe (``oof.finetune``; ``--finetune-epochs``, when
-    set, overrides the recipes' epoch counts); the warm-up reads its frozen GAP features, extracted
-    here if the run's backbones do not include it. The time said is revised as folds finish."""
+    set, overrides the recipes' epoch counts). The time said is revised as folds finish."""
     a, photos, cache, weights = setup.args, setup.photos, setup.cache, setup.args.weights
     tuned = FineTuned()
     extra = data.held + photos.test
     for name, estimate in names.items():
         backbone = get_backbone(name)
         recipe = recipe_of(setup.plan, backbone, a)
-        if backbone.name not in loaded:
-            loaded[backbone.name] = load_features(extract(photos, name, weights, cache, a.batch_size,
-                                                          precision=a.precision))
-        warm = rows({backbone.name: loaded[backbone.name]}, data.ids, "train")[backbone.name]
+        warm = None if recipe.frozen_until else warm_features(setup, backbone, loaded, data)
         resolved = resolve_weights(backbone, weights)
         work = work_folder(cache / "finetune", backbone, weights_identity(resolved), recipe,
                            data.train, data.y, data.fold)
@@ -241,6 +237,16 @@ def finetune_all(setup: Setup, names: dict[str, float], loaded: dict, data: Trai
         tuned.info[backbone.name] = {"recipe": asdict(recipe), "work": str(work), "folds": fold_stats(work),
                                      "seconds_this_run": result.seconds}
     return tuned
+
+
+def warm_features(setup: Setup, backbone: Backbone, loaded: dict, data: TrainingRows) -> np.ndarray:
+    """The frozen backbone's GAP features of the training rows, where a whole network's warm-up
+    head is fitted: the run's own, else extracted (and cached) for this alone, not made one of the
+    run's level-1 backbones. A top-only recipe needs none: it warms up on its kept activations."""
+    a = setup.args
+    feats = loaded[backbone.name] if backbone.name in loaded else load_features(
+        extract(setup.photos, backbone.name, a.weights, setup.cache, a.batch_size, precision=a.precision))
+    return rows({backbone.name: feats}, data.ids, "train")[backbone.name]
 
 
 def plan_finetune(setup: Setup) -> dict[str, float]:

@@ -456,3 +456,22 @@ def test_the_time_said_is_revised_as_folds_finish():
     assert "about 10 min for the 1 fold(s) left" in clock.fold_done(3, 600.0)
     assert clock.fold_done(4, 60.0) is None  # nothing left to estimate
     assert finetune.FoldClock("x", None, 3).fold_done(0, 1e6) is None  # nothing was said before
+
+
+def test_a_top_only_backbone_outside_the_run_costs_no_feature_pass(ft_run, tmp_path, monkeypatch):
+    """Fine-tuning the top of a backbone the run does not stack frozen warms up on its kept
+    activations: no GAP extraction for it, and no frozen head or ImageNet prior of it in the run."""
+    root, _ = ft_run
+    extracted = []
+    real = run_mod.extract
+    monkeypatch.setattr(run_mod, "extract", lambda photos, name, *a, **kw: extracted.append(name)
+                        or real(photos, name, *a, **kw))
+    args = args_for(root, "unused")
+    args[args.index("--backbones") + 1] = "efficientnet_lite0"
+    args[args.index("--finetune") + 1] = "efficientnet_lite2"
+    args[args.index("--out") + 1] = str(tmp_path / "top")
+    assert run_mod.main(args + ["--finetune-recipe", "top"]) == 0
+    assert "efficientnet_lite2" not in extracted
+    report = json.loads((tmp_path / "top" / "report.json").read_text())
+    assert [m for m in report["cv"] if m.startswith("efficientnet_lite2")] == ["efficientnet_lite2/finetuned"]
+    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block19_add"
