@@ -24,7 +24,12 @@ FT = "efficientnet_lite0/finetuned"
 def args_for(root, out: str) -> list[str]:
     return ["--data", str(root / "data"), "--backbones", "efficientnet_lite0,efficientnet_lite2", "--folds", "2",
             "--cache", str(root / "cache"), "--out", str(root / out), "--finetune",
-            "efficientnet_lite0", "--finetune-epochs", "2"]
+            "efficientnet_lite0", "--finetune-epochs", "2", "--finetune-recipe", "whole"]
+
+
+def whole_work(root) -> Path:
+    """The work folder of ft_run's whole-network Lite0 folds (others in its cache hold tops)."""
+    return Path(json.loads((root / "out" / "report.json").read_text())["finetune"]["efficientnet_lite0"]["work"])
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,7 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path, monkeypatch):
 
 def test_a_cpu_run_fine_tunes_the_tops_by_default(ft_run, tmp_path, monkeypatch, caplog):
     """On a CPU the default run trains the tops of the backbones that have a top-only recipe
-    (Lite2 here, not Lite0), says so in one line, reports the recipe, and its saved fold networks
+    (Lite0 and Lite2 here; not ResNet50, checked above), says so in one line, reports the recipe, and its saved fold networks
     (whole backbones) give the test predictions the run wrote."""
     import logging
 
@@ -178,13 +183,13 @@ def test_a_cpu_run_fine_tunes_the_tops_by_default(ft_run, tmp_path, monkeypatch,
     args = args[:args.index("--finetune")] + ["--out", str(tmp_path / "cpu")]
     assert run_mod.main(args) == 0
     said = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("fine-tuning on a CPU: the top of efficientnet_lite2 (minutes); not the whole "
-                            "of efficientnet_lite0") for m in said), said
-    assert any("efficientnet_lite2 fine-tuning of the layers after block19_add: 2 fold(s)" in m for m in said)
+    assert "fine-tuning on a CPU: the top of efficientnet_lite0, efficientnet_lite2 (minutes)" in said, said
+    assert any("efficientnet_lite2 fine-tuning of the layers after block6_add: 2 fold(s)" in m for m in said)
     report = json.loads((tmp_path / "cpu" / "report.json").read_text())
     top = "efficientnet_lite2/finetuned"
-    assert top in report["cv"] and FT not in report["cv"] and report["finetune_effect"]["models"] == [top]
-    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block19_add"
+    assert report["finetune_effect"]["models"] == [FT, top]
+    assert report["finetune"]["efficientnet_lite0"]["recipe"]["frozen_until"] == "block4_add"
+    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block6_add"
     predictor = Predictor(tmp_path / "cpu" / "model")
     photos = [Photo(str(i), -1, str(root / "data" / "test" / f"{i}.jpg")) for i in range(1, 7)]
     every, _ = predictor.predict_all(photos)
@@ -236,7 +241,7 @@ def test_training_trains(ft_run):
 
     root, _ = ft_run
     pretrained = build_feature_map_model(get_backbone("efficientnet_lite0"))
-    folds = sorted(f for f in (root / "cache" / "finetune").glob("efficientnet_lite0-*/fold*") if f.is_dir())
+    folds = sorted(f for f in whole_work(root).glob("fold*") if f.is_dir())
     assert [f.name for f in folds] == ["fold0", "fold1"]
     for done in folds:
         loss = json.loads((done / "fold.json").read_text())["loss"]
@@ -272,8 +277,7 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     assert finetune_choice("b,c", ["a"], gpu=False, exclude=False) == ["b", "c"]
     # --finetune-recipe top: on a CPU, the backbones that have a top-only recipe.
     lites = ["efficientnet_lite0", "efficientnet_lite2"]
-    assert finetune_choice("auto", lites, gpu=False, exclude=False, kind="top") == [
-        b for b in lites if b in finetune.TOP_RECIPES] != []
+    assert finetune_choice("auto", lites + ["resnet50"], gpu=False, exclude=False, kind="top") == lites
     assert finetune_choice("auto", lites, gpu=True, exclude=False, kind="top") == lites
     monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
     root, _ = ft_run
@@ -333,8 +337,9 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
         "efficientnet_lite0": (1, 1e-4), "efficientnet_lite1": (1, 2e-5), "efficientnet_lite2": (1, 2e-5)}
     assert (finetune.Recipe().epochs, finetune.Recipe().learning_rate) == (1, 2e-5)
     assert {name: (r.epochs, r.learning_rate, r.frozen_until) for name, r in finetune.TOP_RECIPES.items()} == {
-        "efficientnet_lite1": (1, 3e-4, "block19_add"), "efficientnet_lite2": (1, 3e-4, "block19_add")}
-    assert finetune.recipe_for("efficientnet_lite0", kind="top") is None  # no gain found: none
+        "efficientnet_lite0": (1, 1e-4, "block4_add"), "efficientnet_lite1": (1, 2e-5, "block6_add"),
+        "efficientnet_lite2": (1, 2e-5, "block6_add")}
+    assert finetune.recipe_for("resnet50", kind="top") is None  # none chosen by CV: none
     assert finetune.recipe_for("efficientnet_lite2", epochs=2, kind="top") == replace(
         finetune.TOP_RECIPES["efficientnet_lite2"], epochs=2)
     with pytest.raises(ValueError, match="one of whole, top"):
@@ -354,7 +359,7 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(run_mod, "finetune_estimate", spy)
     base = ["--data", str(root / "data"), "--backbones", "efficientnet_lite0", "--folds", "2",
-            "--cache", str(root / "cache"), "--finetune", "efficientnet_lite0"]
+            "--cache", str(root / "cache"), "--finetune", "efficientnet_lite0", "--finetune-recipe", "whole"]
     for extra in ([], ["--finetune-epochs", "2"]):
         with pytest.raises(Stop):
             run_mod.main([*base, "--out", str(tmp_path / "own"), *extra])
@@ -391,7 +396,7 @@ def test_two_processes_fine_tuning_into_one_cache_take_turns(ft_run, tmp_path, m
     from features.cache import extraction_lock
 
     root, _ = ft_run
-    [work] = (root / "cache" / "finetune").glob("efficientnet_lite0-*")
+    work = whole_work(root)
     others = [work / "fold0.tmp999999", work / "fold0" / "features.tmp999999.npz"]
     others[0].mkdir()
     others[1].write_bytes(b"another process's half-written file")
@@ -474,4 +479,4 @@ def test_a_top_only_backbone_outside_the_run_costs_no_feature_pass(ft_run, tmp_p
     assert "efficientnet_lite2" not in extracted
     report = json.loads((tmp_path / "top" / "report.json").read_text())
     assert [m for m in report["cv"] if m.startswith("efficientnet_lite2")] == ["efficientnet_lite2/finetuned"]
-    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block19_add"
+    assert report["finetune"]["efficientnet_lite2"]["recipe"]["frozen_until"] == "block6_add"
