@@ -117,8 +117,9 @@ def test_score_matches_the_report(runs, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--submit-with", "nope"], "Unknown model 'nope' for --submit-with; this run will have: "
                                 "efficientnet_lite0/logistic, efficientnet_lite2/logistic, "
-                                "efficientnet_lite2/imagenet, efficientnet_lite2/finetuned, concat-fusion, "
-                                "average, stack-lr, stack-lgbm"),  # Lite2's top: fine-tuned by default
+                                "efficientnet_lite2/imagenet, efficientnet_lite0/finetuned, "
+                                "efficientnet_lite2/finetuned, concat-fusion, average, stack-lr, stack-lgbm"),
+    # (the tops of both: fine-tuned by default on a CPU)
     (["--submit-with", "efficientnet_lite0/imagenet"], "Unknown model 'efficientnet_lite0/imagenet'"),
     (["--backbones", "resnet5"], "Unknown backbone 'resnet5'"),
     (["--backbones", ""], "--backbones names no backbone; e.g. --backbones efficientnet_lite0,"),
