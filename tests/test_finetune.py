@@ -172,8 +172,8 @@ def test_report_says_what_fine_tuning_adds(ft_run, tmp_path, monkeypatch):
 
 def test_a_cpu_run_fine_tunes_the_tops_by_default(ft_run, tmp_path, monkeypatch, caplog):
     """On a CPU the default run trains the tops of the backbones that have a top-only recipe
-    (Lite0 and Lite2 here; not ResNet50, checked above), says so in one line, reports the recipe, and its saved fold networks
-    (whole backbones) give the test predictions the run wrote."""
+    (Lite0 and Lite2 here; not ResNet50, checked above), says so in one line, reports the recipe,
+    and its saved fold networks (whole backbones) give the test predictions the run wrote."""
     import logging
 
     monkeypatch.setattr(logging.getLogger("gapstack"), "propagate", True)  # to caplog
