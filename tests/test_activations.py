@@ -110,7 +110,12 @@ def test_top_fine_tuning_cross_fits_and_predicts_as_its_saved_networks(lite0, tm
     """``finetune_folds`` with a top-only recipe: the lower part is computed once for all folds
     (plain and mirrored training photos, plain extra photos), every training photo gets an
     out-of-fold prediction, and the features kept for the held-out and extra photos are what the
-    saved fold network (the whole backbone, its top trained) computes for them."""
+    saved fold network (the whole backbone, its top trained) computes for them. The folds share
+    one network, reset before each: fold 1 trained after fold 0 is fold 1 trained alone, as a
+    run resumed after fold 0 trains it."""
+    import json
+    import shutil
+
     from features.extract import Extractor
 
     backbone, weights = lite0
@@ -118,9 +123,16 @@ def test_top_fine_tuning_cross_fits_and_predicts_as_its_saved_networks(lite0, tm
     y = np.array([p.label for p in train])
     fold = np.arange(len(train)) // 2 % 2  # a cat and a dog to each fold in turn
     warm = Extractor(backbone, weights, "keras").features(train)[0]
-    recipe = finetune.Recipe(learning_rate=1e-3, frozen_until=SPLIT)
+    recipe = finetune.Recipe(learning_rate=1e-3, frozen_until=SPLIT, batch_size=4)  # 2 steps a fold
     result = finetune.finetune_folds(backbone, "default", train, y, fold, warm, extra, tmp_path / "ft" / "work",
                                      recipe, progress=False)
+    shutil.copytree(tmp_path / "ft" / "work" / "fold0", tmp_path / "ft" / "alone" / "fold0")
+    alone = finetune.finetune_folds(backbone, "default", train, y, fold, warm, extra, tmp_path / "ft" / "alone",
+                                    recipe, progress=False)
+    assert len(alone.seconds) == 1  # fold 1 only, on a network of its own
+    heads = [json.loads((tmp_path / "ft" / w / "fold1" / "fold.json").read_text())["head"] for w in ("work", "alone")]
+    np.testing.assert_allclose(heads[0]["kernel"], heads[1]["kernel"], atol=1e-6)
+    np.testing.assert_allclose(alone.oof, result.oof, atol=1e-6)
     stores = sorted(p.name.split("-")[1] for p in (tmp_path / "ft" / "activations").iterdir() if p.is_dir())
     assert stores == [SPLIT, SPLIT]
     views = sorted(p.name.split("-")[0] for p in (tmp_path / "ft" / "activations").glob("*/*.act.npy"))

@@ -28,3 +28,14 @@ def test_two_devices_train_one_network_as_one_device_would(two_devices):
     assert np.abs(two - 0.5).max() > 1e-3  # it trained (it started from a zero head: 0.5 everywhere)
     np.testing.assert_allclose(two, one, atol=1e-5)
     assert np.abs(double - one).max() > 100 * 1e-5  # a wrong gradient scale would show
+
+
+def test_the_folds_shared_network_resets_on_two_devices(two_devices):
+    """The network a fine-tuning's folds share (``FoldTrainer``), built across both devices:
+    reset to the pretrained weights, a fresh head and a fresh optimizer, it trains the second
+    time exactly as the first (mirrored weights and optimizer state restored on both copies)."""
+    said = two_devices
+    assert said["reset", "replicas"] == "2"
+    first, again = np.array(eval(said["reset", "first"])), np.array(eval(said["reset", "again"]))
+    assert np.abs(first - 0.5).max() > 1e-3  # it trained
+    np.testing.assert_allclose(again, first, atol=1e-6)

@@ -61,3 +61,12 @@ for name, on, rate in [("two", devices, 0.05), ("one", [], 0.05), ("one_double_r
     print(name, "placed", sorted(c.device.rsplit("/", 1)[-1] for c in copies))
     print(name, "copies_differ", float(np.abs(copies[0].numpy() - copies[-1].numpy()).max()))
     print(name, "p", model.predict(pixels, verbose=0)[:, 0].tolist())
+
+# The folds' shared network across both devices: reset between folds, a fold trains as the first.
+trainer = finetune.FoldTrainer(backbone, weights, recipe, 2, devices)
+for turn in ("first", "again"):
+    trainer.reset((np.zeros(backbone.feature_dim), 0.0))
+    data = finetune.batches(finetune.PhotoBatches(photos, y, backbone, 8, False, recipe.seed), 1)
+    trainer.train.fit(data, epochs=1, verbose=0)
+    print("reset", turn, trainer.train.predict(pixels, verbose=0)[:, 0].tolist())
+print("reset replicas", trainer.train.distribute_strategy.num_replicas_in_sync)
