@@ -61,6 +61,7 @@ from sklearn.model_selection import PredefinedSplit, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted
+from typing import NamedTuple
 
 __version__ = "0.1.0"
 
@@ -3749,11 +3750,23 @@ def is_kept(done: Path) -> bool:
     return (done / "fold.json").is_file()
 
 
+class Speed(NamedTuple):
+    """Measured on this machine: photos per second of a training step (``train``) and, for a
+    top-only recipe, of the pass through the frozen lower part (``frozen``, else None); the day
+    it was measured (``measured``; None: just now)."""
+
+    train: float
+    frozen: float | None = None
+    measured: str | None = None
+
+
 def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe: Recipe = Recipe(),
-                  steps: int = 3) -> float:
-    """Photos per second of whole-network training on this machine, measured: a throwaway copy
-    of the network takes one batch of the recipe's size ``steps`` times; the first step (graph
-    building) is not counted."""
+                  steps: int = 3) -> Speed:
+    """Photos per second of training on this machine, measured: a throwaway copy of the network
+    takes one batch of the recipe's size ``steps`` times; the first step (graph building) is not
+    counted. A top-only recipe's frozen part is timed on that batch too: its pass costs from a
+    quarter of a training step (the last block trains) to several steps (stages 4 onward train),
+    so no one ratio to the training speed guesses it."""
     import keras
 
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -3761,9 +3774,15 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
     labels = np.array([p.label for p in batch], np.float32)
     model, fmap = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    frozen = None
     if recipe.frozen_until:  # what trains is the top, on activations
         lower, upper, _ = split_network(fmap, backbone, recipe.frozen_until)
-        pixels = lower.predict_on_batch(pixels)
+        passes = []
+        for _ in range(3):
+            started = time.perf_counter()
+            acts = lower.predict_on_batch(pixels)
+            passes.append(time.perf_counter() - started)
+        frozen, pixels = len(batch) / float(np.mean(passes[1:])), acts
         model = top_model(model, upper, recipe, 2)
     times = []
     for _ in range(max(2, steps)):
@@ -3771,7 +3790,7 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
         model.train_on_batch(pixels, labels)
         times.append(time.perf_counter() - started)
     keras.backend.clear_session()
-    return len(batch) / float(np.mean(times[1:]))
+    return Speed(len(batch) / float(np.mean(times[1:])), frozen)
 
 
 def rate_key(backbone: Backbone, recipe: Recipe) -> str:
@@ -3787,8 +3806,8 @@ def rate_key(backbone: Backbone, recipe: Recipe) -> str:
 
 
 def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Recipe = Recipe(),
-                    rates: Path = RATES_FILE) -> tuple[float, str | None]:
-    """(photos per second of training, the date it was measured, or None: measured just now).
+                    rates: Path = RATES_FILE) -> Speed:
+    """The training speed (``Speed``) on this machine, measured once and kept.
 
     Measuring costs a network built and a training step traced (about 12 s for Lite0 on 2 cores,
     more than the training of a small run), so a speed measured on this machine is kept in
@@ -3796,9 +3815,9 @@ def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Re
     key = rate_key(backbone, recipe)
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(rates.read_text()).get(key)
-        if known:
-            return float(known["photos_per_s"]), known["measured"]
-    rate = training_rate(backbone, weights, photos, recipe)
+        if known and (known.get("frozen_per_s") or not recipe.frozen_until):  # kept before it was timed
+            return Speed(float(known["photos_per_s"]), known.get("frozen_per_s"), known["measured"])
+    speed = training_rate(backbone, weights, photos, recipe)
     with contextlib.suppress(OSError):  # a read-only home keeps working, measuring each time
         rates.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(rates):
@@ -3806,10 +3825,11 @@ def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Re
                 table = json.loads(rates.read_text())
             except (OSError, ValueError):
                 table = {}
-            table[key] = {"photos_per_s": rate, "measured": time.strftime("%Y-%m-%d"),
-                          "backbone": backbone.name, "batch": recipe.batch_size}
+            table[key] = {"photos_per_s": speed.train, "frozen_per_s": speed.frozen,
+                          "measured": time.strftime("%Y-%m-%d"), "backbone": backbone.name,
+                          "batch": recipe.batch_size}
             atomic_write(rates, lambda f: f.write(json.dumps(table, indent=1).encode()))
-    return rate, None
+    return speed
 
 
 def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,
@@ -5181,23 +5201,25 @@ INT8_SPEEDUP = 2.4
 def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
-    Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
-    predicting speed (and a top-only recipe's pass through the frozen part) is the frozen
+    Training speed, and a top-only recipe's pass through its frozen part, are measured on a few
+    steps here (or were, on this machine: remembered_rate); predicting speed is the frozen
     backbone's extraction speed from its cache's attributes (``frozen``; {} before it exists),
     in float32 as fold networks predict (an int8 cache's divided by ``INT8_SPEEDUP``); before
-    any extraction, guessed from the training speed."""
+    any extraction, three times the training speed."""
     folds = np.unique(network_folds(data.fold, recipe))
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
-    train_rate, measured = remembered_rate(backbone, weights, data.train, recipe)
+    speed = remembered_rate(backbone, weights, data.train, recipe)
+    train_rate, measured = speed.train, speed.measured
     views = (1 + recipe.flip) if recipe.frozen_until else 0
     run = frozen.get("last_run") or {}
-    if run.get("seconds"):  # fold networks and the frozen part run in float32
+    if views and speed.frozen:
+        predict_rate = speed.frozen
+    elif run.get("seconds"):  # fold networks and the frozen part run in float32
         predict_rate = run["photos"] / run["seconds"] / (INT8_SPEEDUP if run.get("precision") == "int8" else 1)
-    else:  # a forward pass against a training step: 3x for the whole network; the frozen part's
-        # pass against training the top, measured 0.25-0.5 (Lite2, Lite0): the lower bound
-        predict_rate = train_rate / 4 if views else 3 * train_rate
+    else:  # a forward pass against a training step: 3x for the whole network
+        predict_rate = 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left), views)
     log.info("%s fine-tuning%s: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "

@@ -33,6 +33,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -461,11 +462,23 @@ def is_kept(done: Path) -> bool:
     return (done / "fold.json").is_file()
 
 
+class Speed(NamedTuple):
+    """Measured on this machine: photos per second of a training step (``train``) and, for a
+    top-only recipe, of the pass through the frozen lower part (``frozen``, else None); the day
+    it was measured (``measured``; None: just now)."""
+
+    train: float
+    frozen: float | None = None
+    measured: str | None = None
+
+
 def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe: Recipe = Recipe(),
-                  steps: int = 3) -> float:
-    """Photos per second of whole-network training on this machine, measured: a throwaway copy
-    of the network takes one batch of the recipe's size ``steps`` times; the first step (graph
-    building) is not counted."""
+                  steps: int = 3) -> Speed:
+    """Photos per second of training on this machine, measured: a throwaway copy of the network
+    takes one batch of the recipe's size ``steps`` times; the first step (graph building) is not
+    counted. A top-only recipe's frozen part is timed on that batch too: its pass costs from a
+    quarter of a training step (the last block trains) to several steps (stages 4 onward train),
+    so no one ratio to the training speed guesses it."""
     import keras
 
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -473,9 +486,15 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     pixels, _ = load_batch(PhotoReader(), batch, backbone, False)
     labels = np.array([p.label for p in batch], np.float32)
     model, fmap = build_network(backbone, resolve_weights(backbone, weights), recipe)
+    frozen = None
     if recipe.frozen_until:  # what trains is the top, on activations
         lower, upper, _ = split_network(fmap, backbone, recipe.frozen_until)
-        pixels = lower.predict_on_batch(pixels)
+        passes = []
+        for _ in range(3):
+            started = time.perf_counter()
+            acts = lower.predict_on_batch(pixels)
+            passes.append(time.perf_counter() - started)
+        frozen, pixels = len(batch) / float(np.mean(passes[1:])), acts
         model = top_model(model, upper, recipe, 2)
     times = []
     for _ in range(max(2, steps)):
@@ -483,7 +502,7 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
         model.train_on_batch(pixels, labels)
         times.append(time.perf_counter() - started)
     keras.backend.clear_session()
-    return len(batch) / float(np.mean(times[1:]))
+    return Speed(len(batch) / float(np.mean(times[1:])), frozen)
 
 
 def rate_key(backbone: Backbone, recipe: Recipe) -> str:
@@ -499,8 +518,8 @@ def rate_key(backbone: Backbone, recipe: Recipe) -> str:
 
 
 def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Recipe = Recipe(),
-                    rates: Path = RATES_FILE) -> tuple[float, str | None]:
-    """(photos per second of training, the date it was measured, or None: measured just now).
+                    rates: Path = RATES_FILE) -> Speed:
+    """The training speed (``Speed``) on this machine, measured once and kept.
 
     Measuring costs a network built and a training step traced (about 12 s for Lite0 on 2 cores,
     more than the training of a small run), so a speed measured on this machine is kept in
@@ -508,9 +527,9 @@ def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Re
     key = rate_key(backbone, recipe)
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(rates.read_text()).get(key)
-        if known:
-            return float(known["photos_per_s"]), known["measured"]
-    rate = training_rate(backbone, weights, photos, recipe)
+        if known and (known.get("frozen_per_s") or not recipe.frozen_until):  # kept before it was timed
+            return Speed(float(known["photos_per_s"]), known.get("frozen_per_s"), known["measured"])
+    speed = training_rate(backbone, weights, photos, recipe)
     with contextlib.suppress(OSError):  # a read-only home keeps working, measuring each time
         rates.parent.mkdir(parents=True, exist_ok=True)
         with extraction_lock(rates):
@@ -518,10 +537,11 @@ def remembered_rate(backbone: Backbone, weights, photos: list[Photo], recipe: Re
                 table = json.loads(rates.read_text())
             except (OSError, ValueError):
                 table = {}
-            table[key] = {"photos_per_s": rate, "measured": time.strftime("%Y-%m-%d"),
-                          "backbone": backbone.name, "batch": recipe.batch_size}
+            table[key] = {"photos_per_s": speed.train, "frozen_per_s": speed.frozen,
+                          "measured": time.strftime("%Y-%m-%d"), "backbone": backbone.name,
+                          "batch": recipe.batch_size}
             atomic_write(rates, lambda f: f.write(json.dumps(table, indent=1).encode()))
-    return rate, None
+    return speed
 
 
 def estimate_seconds(n_train: int, n_predict: int, folds: int, epochs: int, train_rate: float,

@@ -344,23 +344,25 @@ INT8_SPEEDUP = 2.4
 def finetune_estimate(backbone, weights, recipe: Recipe, data: TrainingRows, n_extra: int, frozen: dict,
                       work: Path) -> float:
     """Seconds the folds not yet kept in ``work`` will take, said in the log (0: all kept).
-    Training speed is measured on a few steps here (or was, on this machine: remembered_rate);
-    predicting speed (and a top-only recipe's pass through the frozen part) is the frozen
+    Training speed, and a top-only recipe's pass through its frozen part, are measured on a few
+    steps here (or were, on this machine: remembered_rate); predicting speed is the frozen
     backbone's extraction speed from its cache's attributes (``frozen``; {} before it exists),
     in float32 as fold networks predict (an int8 cache's divided by ``INT8_SPEEDUP``); before
-    any extraction, guessed from the training speed."""
+    any extraction, three times the training speed."""
     folds = np.unique(network_folds(data.fold, recipe))
     left = [k for k in folds if not is_kept(work / f"fold{k}")]
     if not left:
         return 0.0
-    train_rate, measured = remembered_rate(backbone, weights, data.train, recipe)
+    speed = remembered_rate(backbone, weights, data.train, recipe)
+    train_rate, measured = speed.train, speed.measured
     views = (1 + recipe.flip) if recipe.frozen_until else 0
     run = frozen.get("last_run") or {}
-    if run.get("seconds"):  # fold networks and the frozen part run in float32
+    if views and speed.frozen:
+        predict_rate = speed.frozen
+    elif run.get("seconds"):  # fold networks and the frozen part run in float32
         predict_rate = run["photos"] / run["seconds"] / (INT8_SPEEDUP if run.get("precision") == "int8" else 1)
-    else:  # a forward pass against a training step: 3x for the whole network; the frozen part's
-        # pass against training the top, measured 0.25-0.5 (Lite2, Lite0): the lower bound
-        predict_rate = train_rate / 4 if views else 3 * train_rate
+    else:  # a forward pass against a training step: 3x for the whole network
+        predict_rate = 3 * train_rate
     seconds = estimate_seconds(len(data.ids), n_extra, len(folds), recipe.epochs, train_rate,
                                predict_rate, len(left), views)
     log.info("%s fine-tuning%s: %d fold(s) x %d epoch(s) on %d photos, training at %.0f photos/s "

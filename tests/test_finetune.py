@@ -305,7 +305,7 @@ def test_auto_fine_tunes_on_a_gpu_within_the_budget(ft_run, tmp_path, monkeypatc
     # stops the run there, with no cache made for these new photos.
     fresh = make_kaggle_dir(tmp_path / "fresh", 6, 2, start=80)
     caplog.clear()
-    monkeypatch.setattr(run_mod, "remembered_rate", lambda *a, **kw: (1e-3, None))  # slow here
+    monkeypatch.setattr(run_mod, "remembered_rate", lambda *a, **kw: finetune.Speed(1e-3))  # slow here
     assert run_mod.main(["--data", str(fresh), "--backbones", "efficientnet_lite0", "--folds", "2",
                          "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "late"),
                          "--submit-with", FT]) == 2
@@ -428,7 +428,9 @@ def test_two_processes_fine_tuning_into_one_cache_take_turns(ft_run, tmp_path, m
 def test_training_speed_is_measured_once_per_machine(ft_run, tmp_path, monkeypatch):
     """The speed ft_run measured (Lite0, its recipe's batch) is reused with the day it was
     measured, building no network; another batch size is another key; a rates file that cannot
-    be read or written costs only a measurement each time."""
+    be read or written costs only a measurement each time. A top-only recipe's frozen part is
+    timed with it, and a speed kept without that time (from before it was timed) is measured
+    again rather than estimated from."""
     from dataclasses import replace
 
     from features.defaults import RATES_FILE
@@ -439,14 +441,22 @@ def test_training_speed_is_measured_once_per_machine(ft_run, tmp_path, monkeypat
     built = []
     real_build = finetune.build_network
     monkeypatch.setattr(finetune, "build_network", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
-    rate, measured = finetune.remembered_rate(backbone, "default", photos, recipe)
-    assert rate > 0 and measured == time.strftime("%Y-%m-%d") and built == []
+    speed = finetune.remembered_rate(backbone, "default", photos, recipe)
+    assert speed.train > 0 and speed.frozen is None and speed.measured == time.strftime("%Y-%m-%d") and built == []
     other = replace(recipe, batch_size=2)
     assert finetune.rate_key(backbone, other) != finetune.rate_key(backbone, recipe)
     (tmp_path / "rates.json").mkdir()  # neither readable nor writable as a file
-    fresh, when = finetune.remembered_rate(backbone, "default", photos, other, rates=tmp_path / "rates.json")
-    assert fresh > 0 and when is None and len(built) == 1
+    fresh = finetune.remembered_rate(backbone, "default", photos, other, rates=tmp_path / "rates.json")
+    assert fresh.train > 0 and fresh.measured is None and len(built) == 1
     assert finetune.rate_key(backbone, other) not in json.loads(RATES_FILE.read_text())
+    top = replace(other, frozen_until="block4_add")
+    key, rates = finetune.rate_key(backbone, top), tmp_path / "top.json"
+    rates.write_text(json.dumps({key: {"photos_per_s": 5.0, "measured": "2026-01-01"}}))  # no frozen time
+    timed = finetune.remembered_rate(backbone, "default", photos, top, rates=rates)
+    assert timed.frozen > 0 and timed.train != 5.0 and timed.measured is None and len(built) == 2
+    kept = json.loads(rates.read_text())[key]
+    assert (kept["photos_per_s"], kept["frozen_per_s"]) == (timed.train, timed.frozen)
+    assert finetune.remembered_rate(backbone, "default", photos, top, rates=rates).measured is not None
 
 
 def test_the_time_said_is_revised_as_folds_finish():
