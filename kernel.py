@@ -3919,7 +3919,9 @@ def _train_fold(backbone: Backbone, resolved, photos: list[Photo], labels: np.nd
              f", each batch split across {len(devices)} devices" if len(devices) > 1 else "")
     started = time.perf_counter()
     bar = progress_bar(len(photos) * recipe.epochs, f"{backbone.name} fold {k}", progress)
-    history = net.train.fit(batches(source, workers), epochs=recipe.epochs, verbose=0,
+    # shuffle=False: the batches come in our own seeded order (Keras 3 shuffles a PyDataset's
+    # batches with Python's global random, whose state depends on what ran before in the process)
+    history = net.train.fit(batches(source, workers), epochs=recipe.epochs, verbose=0, shuffle=False,
                             callbacks=[_Progress(bar, photos, recipe), *callbacks])
     bar.close()
     train_seconds = time.perf_counter() - started
