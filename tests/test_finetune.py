@@ -338,7 +338,7 @@ def test_each_backbone_trains_with_its_own_recipe(ft_run, tmp_path, monkeypatch)
     assert (finetune.Recipe().epochs, finetune.Recipe().learning_rate) == (1, 2e-5)
     assert {name: (r.epochs, r.learning_rate, r.frozen_until) for name, r in finetune.TOP_RECIPES.items()} == {
         "efficientnet_lite0": (1, 1e-4, "block4_add"), "efficientnet_lite1": (1, 2e-5, "block6_add"),
-        "efficientnet_lite2": (1, 2e-5, "block6_add")}
+        "efficientnet_lite2": (1, 1e-4, "block6_add")}
     assert finetune.recipe_for("resnet50", kind="top") is None  # none chosen by CV: none
     assert finetune.recipe_for("efficientnet_lite2", epochs=2, kind="top") == replace(
         finetune.TOP_RECIPES["efficientnet_lite2"], epochs=2)
