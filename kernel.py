@@ -3388,13 +3388,13 @@ RECIPES: dict[str, Recipe] = {
 
 
 # Each backbone's top-only recipe (issue #33): stages 4 onward (the split at the end of stage 3)
-# trained on the lower part's activations, computed once per photo, at the whole network's rate (Lite2: below)
-# (benchmarks/RESULTS.md, "The middle of the network"): what --finetune auto trains on a CPU, about
-# 2.6 times cheaper than the whole networks there. Chosen by 5-fold CV on both shared tasks over the
-# last block alone (Lite1, Lite2 at 3e-4; Lite0's found no gain): Dogs vs. Cats (9,619 photos)
+# trained on the lower part's activations, computed once per photo (benchmarks/RESULTS.md, "The
+# middle of the network"): what --finetune auto trains on a CPU, about 2.6 times cheaper than the
+# whole networks there. Chosen by 5-fold CV on both shared tasks over the last block alone (Lite1,
+# Lite2 at 3e-4; Lite0's found no gain), at the whole networks' rates: Dogs vs. Cats (9,619 photos)
 # stack-lr 0.0213 -> 0.0210 (whole networks 0.0189), clothing-small 0.3051 -> 0.2634 (accuracy
 # 0.8986 -> 0.9081), each model alone nearly its whole network (0.0409 / 0.0297 / 0.0245 against
-# 0.0359 / 0.0294 / 0.0241 on Dogs vs. Cats).
+# 0.0359 / 0.0294 / 0.0241 on Dogs vs. Cats). Then Lite2's rate, below.
 TOP_RECIPES: dict[str, Recipe] = {
     "efficientnet_lite0": Recipe(learning_rate=1e-4, frozen_until="block4_add"),  # blocks 5-15, 28x28x40 in
     "efficientnet_lite1": Recipe(learning_rate=2e-5, frozen_until="block6_add"),  # blocks 7-20, 30x30x40 in
@@ -3779,20 +3779,22 @@ def training_rate(backbone: Backbone | str, weights, photos: list[Photo], recipe
     frozen = None
     if recipe.frozen_until:  # what trains is the top, on activations
         lower, upper, _ = split_network(fmap, backbone, recipe.frozen_until)
-        passes = []
-        for _ in range(3):
-            started = time.perf_counter()
-            acts = lower.predict_on_batch(pixels)
-            passes.append(time.perf_counter() - started)
-        frozen, pixels = len(batch) / float(np.mean(passes[1:])), acts
+        frozen = _per_second(lambda: lower.predict_on_batch(pixels), len(batch), 3)
+        pixels = lower.predict_on_batch(pixels)
         model = top_model(model, upper, recipe, 2)
-    times = []
-    for _ in range(max(2, steps)):
-        started = time.perf_counter()
-        model.train_on_batch(pixels, labels)
-        times.append(time.perf_counter() - started)
+    train = _per_second(lambda: model.train_on_batch(pixels, labels), len(batch), max(2, steps))
     keras.backend.clear_session()
-    return Speed(len(batch) / float(np.mean(times[1:])), frozen)
+    return Speed(train, frozen)
+
+
+def _per_second(call, n: int, times: int) -> float:
+    """``n`` / the mean seconds of ``call()`` run ``times`` times, the first (tracing) not counted."""
+    seconds = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return n / float(np.mean(seconds[1:]))
 
 
 def rate_key(backbone: Backbone, recipe: Recipe) -> str:
@@ -3854,9 +3856,9 @@ class FoldTrainer:
     optimizer and the recipe's dropout seed, so a fold trains as on a network built for it
     (whether the folds before it trained in this process or were kept by an earlier one), without
     Keras building the network and tracing its training and prediction steps again: 5-9 s a fold
-    on 2 cores, more than a small photo set's fold takes to train. ``top``: the recipe trains
-    only ``upper``, the part after its split, on kept activations (``train`` is then the model
-    over them)."""
+    on 2 cores, more than a small photo set's fold takes to train. ``train`` is the model that
+    trains: the whole network, or with a top-only recipe the model over its kept activations
+    (``upper``, the part after the split, then its head)."""
 
     def __init__(self, backbone: Backbone, resolved, recipe: Recipe, n_classes: int, devices: list[str]):
         self.backbone, self.resolved, self.recipe, self.n_classes = backbone, resolved, recipe, n_classes
@@ -3868,7 +3870,8 @@ class FoldTrainer:
             self.model, self.fmap = _network(self.backbone, self.resolved, recipe, None, n_classes)
             self.upper = (split_network(self.fmap, self.backbone, recipe.frozen_until)[1]
                           if recipe.frozen_until else None)
-            self.train = top_model(self.model, self.upper, recipe, n_classes) if recipe.frozen_until else self.model
+            self.train = (top_model(self.model, self.upper, recipe, n_classes) if recipe.frozen_until
+                          else self.model)
             self.train.optimizer.build(self.train.trainable_variables)
         self.weights = self.model.get_weights()
         self.optimizer = [v.numpy() for v in self.train.optimizer.variables]

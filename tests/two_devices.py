@@ -67,6 +67,6 @@ trainer = finetune.FoldTrainer(backbone, weights, recipe, 2, devices)
 for turn in ("first", "again"):
     trainer.reset((np.zeros(backbone.feature_dim), 0.0))
     data = finetune.batches(finetune.PhotoBatches(photos, y, backbone, 8, False, recipe.seed), 1)
-    trainer.train.fit(data, epochs=1, verbose=0)
+    trainer.train.fit(data, epochs=1, verbose=0, shuffle=False)  # as _train_fold: our order
     print("reset", turn, trainer.train.predict(pixels, verbose=0)[:, 0].tolist())
 print("reset replicas", trainer.train.distribute_strategy.num_replicas_in_sync)
