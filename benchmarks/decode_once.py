@@ -47,9 +47,10 @@ def main() -> int:
             cache = root / f"{way.replace(' ', '-')}-{attempt}"
             started = time.perf_counter()
             if way == "once for all":
-                paths = extract_many(photos, names, weights, cache, progress=False)
+                extract_many(photos, names, weights, cache, progress=False)
             else:
-                paths = {n: extract(photos, n, weights, cache, progress=False) for n in names}
+                for n in names:
+                    extract(photos, n, weights, cache, progress=False)
             times[way].append(time.perf_counter() - started)
     a = {n: load_features(cache_path(root / "once-per-backbone-0", n, photos)).train for n in names}
     b = {n: load_features(cache_path(root / "once-for-all-0", n, photos)).train for n in names}
