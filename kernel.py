@@ -38,6 +38,7 @@ import math
 import numpy as np
 import os
 import pandas as pd
+import platform
 import queue
 import re
 import shutil
@@ -1770,6 +1771,7 @@ class OnnxForward:
         # ONNX Runtime's threads spin between calls by default, taking the cores our decoding
         # threads need: off, end to end went from 174 to 191 img/s (forward alone: -1 %).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        run_int8_exactly(options, graph)
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -1950,6 +1952,24 @@ def int8_dot_product() -> bool:
     """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
     flags = cpu_info().get("flags", "").split()
     return any(flag in flags for flag in INT8_DOT_PRODUCT)
+
+
+def int8_kernels_exact() -> bool:
+    """ONNX Runtime's fused int8 kernels compute exactly here (``run_int8_exactly``): an x86 CPU
+    with VNNI or AMX, or a CPU of another kind (the 16-bit pair sums are x86's VPMADDUBSW's)."""
+    return platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or int8_dot_product()
+
+
+def run_int8_exactly(options, graph: bytes) -> None:
+    """Make a session of ``graph`` compute what its quantized (QDQ) nodes say, on any CPU. ONNX
+    Runtime's fused int8 kernels add products in 32 bits with VNNI or AMX, but with AVX2 alone
+    (VPMADDUBSW) they add pairs of uint8 x int8 products in 16 bits, which saturate: Lite0's
+    features at cosine 0.90 to float32 there, against 0.994 computed exactly (benchmarks/RESULTS.md,
+    "int8 on a CPU without VNNI"). There the QDQ pairs stay unfused and run as float arithmetic on
+    the int8 values, at half to 0.7 of float32's speed: one int8 graph gives the same features on every
+    machine, and a saved int8 ensemble predicts as it was trained."""
+    if b"QuantizeLinear" in graph and not int8_kernels_exact():
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
 
 
 def choose_precision(requested: str = "auto", photos: int | None = None, runtime: str = "auto") -> str:
@@ -2167,6 +2187,8 @@ def quantized_path(float_graph: bytes, pixels: np.ndarray, settings: dict = INT8
     digest = hashlib.md5(float_graph)
     digest.update(np.ascontiguousarray(pixels, np.float32).tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode() + ort.__version__.encode())
+    # The agreement kept beside the graph was measured with the kernels this CPU runs it with.
+    digest.update(b"fused int8 kernels" if int8_kernels_exact() else b"QDQ run in float")
     return Path(folder or ONNX_CACHE) / f"int8-{digest.hexdigest()}.onnx"
 
 
@@ -2276,9 +2298,11 @@ def quantized_graph(backbone: Backbone, resolved, train: list[Photo]) -> tuple[b
         agreed = agreement(OnnxForward(None, graph=graph)(pixels), float_run(pixels))
         save_quantized(path, graph, agreed)
     log.log(logging.INFO if agreed["cosine"] >= INT8_MIN_COSINE else logging.WARNING,
-            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s",
+            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s%s",
             backbone.name, len(pixels), agreed["cosine"], "" if agreed["cosine"] >= INT8_MIN_COSINE else
-            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32")
+            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32",
+            "" if int8_kernels_exact() else "; this CPU has no VNNI or AMX, where ONNX Runtime's int8 kernels "
+            "saturate, so the int8 graph runs as float arithmetic, slower than --precision float32")
     return graph, agreed
 
 

@@ -40,7 +40,7 @@ from features.registry import Backbone, get_backbone
 from features.quantize import (INT8, INT8_MIN_COSINE, agreement, calibration_sample, describe, load_quantized,
                                quantize, quantized_path, save_quantized)
 from features.runtime import (PRECISIONS, RUNTIMES, OnnxForward, accelerators, cached_onnx, choose_precision,
-                              make_forward, onnx_available, onnx_cache_path)
+                              int8_kernels_exact, make_forward, onnx_available, onnx_cache_path)
 from features.shards import owner, parse_shard, shard_path, write_shard
 
 log = logging.getLogger("gapstack")
@@ -121,9 +121,11 @@ def quantized_graph(backbone: Backbone, resolved, train: list[Photo]) -> tuple[b
         agreed = agreement(OnnxForward(None, graph=graph)(pixels), float_run(pixels))
         save_quantized(path, graph, agreed)
     log.log(logging.INFO if agreed["cosine"] >= INT8_MIN_COSINE else logging.WARNING,
-            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s",
+            "%s int8: features on the %d calibration photos agree with float32 at cosine %.4f%s%s",
             backbone.name, len(pixels), agreed["cosine"], "" if agreed["cosine"] >= INT8_MIN_COSINE else
-            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32")
+            f", under the {INT8_MIN_COSINE} the Lite backbones reach: compare its CV with --precision float32",
+            "" if int8_kernels_exact() else "; this CPU has no VNNI or AMX, where ONNX Runtime's int8 kernels "
+            "saturate, so the int8 graph runs as float arithmetic, slower than --precision float32")
     return graph, agreed
 
 

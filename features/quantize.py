@@ -24,6 +24,7 @@ import numpy as np
 
 from features.cache import atomic_write
 from features.defaults import ONNX_CACHE, SEED
+from features.runtime import int8_kernels_exact
 
 log = logging.getLogger("gapstack")
 
@@ -102,6 +103,8 @@ def quantized_path(float_graph: bytes, pixels: np.ndarray, settings: dict = INT8
     digest = hashlib.md5(float_graph)
     digest.update(np.ascontiguousarray(pixels, np.float32).tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode() + ort.__version__.encode())
+    # The agreement kept beside the graph was measured with the kernels this CPU runs it with.
+    digest.update(b"fused int8 kernels" if int8_kernels_exact() else b"QDQ run in float")
     return Path(folder or ONNX_CACHE) / f"int8-{digest.hexdigest()}.onnx"
 
 

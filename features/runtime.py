@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import queue
 import re
 import sys
@@ -94,6 +95,7 @@ class OnnxForward:
         # ONNX Runtime's threads spin between calls by default, taking the cores our decoding
         # threads need: off, end to end went from 174 to 191 img/s (forward alone: -1 %).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        run_int8_exactly(options, graph)
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -274,6 +276,24 @@ def int8_dot_product() -> bool:
     """The CPU has int8 dot-product instructions (VNNI or AMX), from /proc/cpuinfo's flags."""
     flags = cpu_info().get("flags", "").split()
     return any(flag in flags for flag in INT8_DOT_PRODUCT)
+
+
+def int8_kernels_exact() -> bool:
+    """ONNX Runtime's fused int8 kernels compute exactly here (``run_int8_exactly``): an x86 CPU
+    with VNNI or AMX, or a CPU of another kind (the 16-bit pair sums are x86's VPMADDUBSW's)."""
+    return platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or int8_dot_product()
+
+
+def run_int8_exactly(options, graph: bytes) -> None:
+    """Make a session of ``graph`` compute what its quantized (QDQ) nodes say, on any CPU. ONNX
+    Runtime's fused int8 kernels add products in 32 bits with VNNI or AMX, but with AVX2 alone
+    (VPMADDUBSW) they add pairs of uint8 x int8 products in 16 bits, which saturate: Lite0's
+    features at cosine 0.90 to float32 there, against 0.994 computed exactly (benchmarks/RESULTS.md,
+    "int8 on a CPU without VNNI"). There the QDQ pairs stay unfused and run as float arithmetic on
+    the int8 values, at half to 0.7 of float32's speed: one int8 graph gives the same features on every
+    machine, and a saved int8 ensemble predicts as it was trained."""
+    if b"QuantizeLinear" in graph and not int8_kernels_exact():
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
 
 
 def choose_precision(requested: str = "auto", photos: int | None = None, runtime: str = "auto") -> str:

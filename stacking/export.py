@@ -30,6 +30,7 @@ from features.extract import setup_logging
 from features.images import load_for_backbone
 from features.models import build_gap_model
 from features.registry import Backbone
+from features.runtime import run_int8_exactly
 from oof.crossfit import CrossFit
 from oof.heads import linear_parts
 from features.imagenet import CATS, DOGS
@@ -388,6 +389,7 @@ class Runner:
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
+            run_int8_exactly(options, self.path.read_bytes())
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         else:
             raise ExportError(f"{self.path}: only .tflite and .onnx files run here (Core ML needs Apple hardware)")

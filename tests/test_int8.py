@@ -1,16 +1,18 @@
 """int8 features (features.quantize): their own recipe, calibrated on training photos only, close
 to float32, and a saved int8 ensemble predicts with the very graph that made its features."""
 
-import onnx
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pandas as pd
 import pytest
 
 from features import quantize
 from features.cache import StaleCacheError, load_features, read_attrs, read_int8_graph
-from features.data import Photo, load_photos
-from features.extract import extract
+from features.data import Photo, PhotoReader, load_photos
+from features.extract import extract, load_batch
 from features.quantize import agreement, calibration_sample
+from features.registry import get_backbone
 from stacking import run as run_mod
 from stacking.predict import Predictor
 from tests.conftest import cpu_path, make_kaggle_dir
@@ -46,6 +48,16 @@ def test_int8_features_are_their_own_recipe_and_close_to_float32(small_data, tmp
     assert list(a.train_ids) == list(b.train_ids) and list(a.test_ids) == list(b.test_ids)
     close = agreement(np.vstack([a.train, a.test]), np.vstack([b.train, b.test]))
     assert close["cosine"] > 0.98 and close["max_rel_diff"] > 1e-3  # quantized, and near float32
+    # The graph's features are what its QDQ nodes say, whatever int8 kernels this CPU has: the
+    # same as it computed unfused, in float arithmetic (on CPUs without VNNI, fused kernels saturate).
+    test = [p for p in photos.test if p.id in set(a.test_ids)]
+    pixels, _ = load_batch(PhotoReader(), test, get_backbone(LITE0), False)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    unfused = ort.InferenceSession(read_int8_graph(int8), options, providers=["CPUExecutionProvider"])
+    by_id = dict(zip(a.test_ids, a.test))
+    assert agreement(np.stack([by_id[p.id] for p in test]),
+                     unfused.run(None, {"pixels": pixels})[0])["cosine"] > 0.9995
     with pytest.raises(StaleCacheError, match="precision: cache has 'int8', asked for 'float32'"):
         extract(photos, LITE0, cache_dir=tmp_path / "int8", progress=False, precision="float32")
     with pytest.raises(StaleCacheError, match="precision: cache has 'float32', asked for 'int8'"):
